@@ -1,0 +1,1999 @@
+#!/usr/bin/env python3
+"""microsocket: a single-file, zero-dependency Micro Socket pub/sub gateway over WebSocket.
+
+Run it::
+
+    python3 microsocket.py                  # http://127.0.0.1:3000/docs, ws://127.0.0.1:3000/ws
+    python3 microsocket.py --help           # every option, each also a MICROSOCKET_* variable
+
+The protocol in ten lines (the full contract is the README's protocol reference):
+
+    client                                  server
+    {"type":"setup","token":"alice"}     -> {"type":"ready","sessionId":..,"userId":"alice","epoch":..}
+    {"type":"subscribe","topic":"t"}     -> {"type":"subscribed","topic":"t","seqNo":0}
+    {"type":"publish","topic":"t",
+     "messageId":"m1","payload":{..}}    -> {"type":"message","topic":"t","seqNo":1,"messageId":"m1","data":{..}}
+                                            to every subscriber, then {"type":"ack","messageId":"m1",
+                                            "status":"ok","seqNo":1} to the publisher
+    the same messageId again             -> {"type":"ack",..,"status":"duplicate","seqNo":1}, not delivered
+    {"type":"replay","topic":"t","fromSeq":1} -> the retained messages, then {"type":"replayed",..}
+    anything wrong                       -> {"type":"error","code":"INVALID_TOPIC",..}; the connection stays
+
+Every message is one JSON object in one text frame; a client may add "id" to any message and the
+direct reply carries it back. Topics are sequenced one by one (seqNo 1, 2, ...), deduplicated per
+user by messageId, and kept in a bounded history for replay.
+
+What it does not do (yet): JWT auth and ACLs, sessions and resume, signed messages,
+permessage-deflate, TLS, several processes. Demo auth accepts any non-empty token as the userId.
+
+Embedding it in an asyncio program::
+
+    server = microsocket.Server(microsocket.Config(port=0))
+    await server.start()                    # server.port is the bound port
+    server.publish("prices", {"btc": 1})    # -> PublishResult(status, message_id, seq_no, subscribers)
+    await server.close()                    # closes every connection with 1001
+
+Contents (each section uses only those above it; grep for "# === N."):
+
+     0. Header              5. WebSocket handshake          10. History
+     1. Constants, limits   6. WebSocket connection          11. Auth
+     2. Errors              7. Pub/sub message schema        12. Broker
+     3. Frame codec         8. Topic store                   13. HTTP routes
+     4. HTTP/1.1            9. Dedup                         14. Server I/O (asyncio)
+                                                             15. Command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import collections
+import dataclasses
+import enum
+import hashlib
+import html
+import http
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+import urllib.parse
+from typing import Any, Callable, Iterable, NamedTuple
+
+__all__ = [
+    "Config",
+    "Server",
+    "Broker",
+    "Client",
+    "PublishResult",
+    "WebSocketConnection",
+    "Frame",
+    "Opcode",
+    "CloseCode",
+    "ProtocolError",
+    "PayloadTooBig",
+    "HTTPError",
+    "ClientError",
+    "main",
+]
+__version__ = "0.1.0"
+
+log = logging.getLogger("microsocket")
+
+
+# === 1. Constants and limits ======================================================================
+#
+# Every limit a hostile or careless peer can push against is named here, with the reason for its
+# default. Each one is a field of `Config` (section 15 builds it from the command line) and each one
+# has a documented failure: an HTTP status, a close code or an error code.
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3: the fixed GUID of the accept key
+
+DEFAULT_PORT = 3000  # the Micro Socket reference gateway's port
+MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB per WebSocket message, across fragments (close 1009)
+MAX_HEAD_SIZE = 16 << 10  # 16 KiB request line + headers: browsers send < 8 KiB (HTTP 431)
+MAX_HEADERS = 100  # header lines per request (HTTP 431)
+MAX_BODY_SIZE = 1 << 20  # 1 MiB HTTP request body, for POST /publish (HTTP 413)
+MAX_SUBSCRIPTIONS = 1000  # topics per connection (TOO_MANY_SUBSCRIPTIONS)
+MAX_TOPIC_LENGTH = 256  # characters in a topic (INVALID_TOPIC)
+MAX_MESSAGE_ID_LENGTH = 256  # characters in a messageId (INVALID_MESSAGE)
+MAX_CONNECTIONS = 100_000  # open WebSocket connections per process (HTTP 503 at the handshake)
+MAX_BUFFER = 4 << 20  # 4 MiB of unsent data for one connection before it is a slow consumer (4001)
+DEDUP_WINDOW = 3600.0  # seconds an accepted messageId is remembered per user
+DEDUP_PER_USER = 100_000  # remembered messageIds per user; the oldest is forgotten first
+DEDUP_TOTAL = 1_000_000  # remembered messageIds in all; about 150 bytes each
+HISTORY_MESSAGES = 1000  # retained messages per topic, for replay
+HISTORY_AGE = 300.0  # seconds a message stays in history
+HISTORY_BYTES = 64 << 20  # retained message bytes across all topics
+CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame before dropping TCP
+LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds connect at once
+
+# RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
+MAX_CONTROL_PAYLOAD = 125
+
+
+class Opcode(enum.IntEnum):
+    """Frame opcodes, RFC 6455 §5.2 (names as in the websockets library)."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+DATA_OPCODES = frozenset((Opcode.CONT, Opcode.TEXT, Opcode.BINARY))
+CONTROL_OPCODES = frozenset((Opcode.CLOSE, Opcode.PING, Opcode.PONG))
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes, RFC 6455 §7.4.1, and the four of the Micro Socket protocol (4000-4003)."""
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS_RCVD = 1005  # never on the wire: "no code was present"
+    ABNORMAL_CLOSURE = 1006  # never on the wire: "closed without a close frame"
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    TLS_HANDSHAKE = 1015  # never on the wire
+    SETUP_TIMEOUT = 4000
+    SLOW_CONSUMER = 4001
+    SESSION_TAKEN_OVER = 4002
+    TOKEN_EXPIRED = 4003
+
+
+# RFC 6455 §7.4.1-§7.4.2: codes a peer may put in a close frame. 1004-1006 and 1015 are reserved
+# and "MUST NOT be set as a status code in a Close control frame by an endpoint"; 1012-1014 were
+# registered with IANA later; 3000-3999 are for libraries and 4000-4999 for applications.
+_WIRE_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+def is_valid_close_code(code: int) -> bool:
+    """True if `code` may appear in a close frame (RFC 6455 §7.4)."""
+    return code in _WIRE_CLOSE_CODES or 3000 <= code <= 4999
+
+
+# === 2. Errors ====================================================================================
+#
+# Four exceptions, each turned into one kind of answer in one place: ProtocolError into a close
+# code (section 6), HTTPError into an HTTP status (section 13), ClientError into an `error` message
+# (section 12). Nothing else crosses a section boundary as an exception.
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455: fail the connection with `code` (1002, 1007 or 1009)."""
+
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class PayloadTooBig(ProtocolError):
+    """A message would go over the size limit: close 1009 before its bytes are buffered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, CloseCode.MESSAGE_TOO_BIG)
+
+
+class HTTPError(Exception):
+    """Answer the request with `status` and a JSON body `{"error": message}`."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class ClientError(Exception):
+    """A client message cannot be processed: reply `error {code, message, ...context}`."""
+
+    def __init__(self, code: str, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.context = context
+
+
+# === 3. Frame codec (sans-I/O) ====================================================================
+#
+# RFC 6455 §5.2 base framing:
+#
+#     0               1               2               3
+#     |F|R|R|R| opcode|M| len (7)     | extended len (16 or 64), if len is 126 or 127
+#     |I|S|S|S|       |A|             | masking key (32), if MASK
+#     |N|V|V|V|       |S|             | payload
+#
+# `parse_header` reads and checks a header; `apply_mask` unmasks a whole buffer at once (one big
+# integer XOR, never a Python loop per byte); `serialize_frame` builds a frame. Nothing here knows
+# about connections or messages.
+
+
+class FrameHeader(NamedTuple):
+    fin: bool
+    opcode: int
+    mask: bytes | None  # the 4-byte masking key, None when the frame is not masked
+    length: int  # payload length
+    size: int  # header length in bytes
+
+
+class Frame(NamedTuple):
+    """One complete frame, for tests and tools: `Frame.parse` and `Frame.serialize`."""
+
+    fin: bool
+    opcode: int
+    payload: bytes
+
+    @classmethod
+    def parse(cls, data: bytes, max_size: int | None = None) -> tuple[Frame, int] | None:
+        """Parse one frame at the start of `data`: (frame, bytes used), or None if incomplete."""
+        header = parse_header(data, 0, max_size)
+        if header is None or len(data) < header.size + header.length:
+            return None
+        payload = bytes(data[header.size : header.size + header.length])
+        if header.mask is not None:
+            payload = apply_mask(payload, header.mask)
+        return cls(header.fin, header.opcode, payload), header.size + header.length
+
+    def serialize(self, mask: bytes | None = None) -> bytes:
+        """The frame's bytes, masked with `mask` (4 bytes) when given, as a client must."""
+        return serialize_frame(self.opcode, self.payload, self.fin, mask)
+
+
+def parse_header(data: bytes | bytearray, pos: int = 0, max_size: int | None = None) -> FrameHeader | None:
+    """Read the frame header at `data[pos:]`; None until it is complete.
+
+    Raises ProtocolError for what RFC 6455 §5.2 and §5.5 forbid in any frame, and PayloadTooBig
+    for a data frame longer than `max_size`, before a byte of its payload is buffered.
+    """
+    available = len(data) - pos
+    if available < 2:
+        return None
+    b0 = data[pos]
+    b1 = data[pos + 1]
+    if b0 & 0x70:
+        # §5.2: "If a nonzero value is received and none of the negotiated extensions defines the
+        # meaning of such a nonzero value, the receiving endpoint MUST _Fail the WebSocket
+        # Connection_."
+        raise ProtocolError("reserved bits must be 0")
+    opcode = b0 & 0x0F
+    if opcode not in _KNOWN_OPCODES:
+        raise ProtocolError(f"unknown opcode {opcode:#x}")
+    fin = bool(b0 & 0x80)
+    length = b1 & 0x7F
+    size = 2
+    if length == 126:
+        if available < 4:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        size = 4
+    elif length == 127:
+        if available < 10:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        if length >> 63:
+            raise ProtocolError("the most significant bit of a 64-bit length must be 0")  # §5.2
+        size = 10
+    if opcode >= 8:
+        if not fin:
+            raise ProtocolError("control frames must not be fragmented")  # §5.5
+        if length > MAX_CONTROL_PAYLOAD:
+            raise ProtocolError("control frame payload over 125 bytes")  # §5.5
+    elif max_size is not None and length > max_size:
+        raise PayloadTooBig(f"frame of {length} bytes is over the {max_size}-byte limit")
+    mask = None
+    if b1 & 0x80:
+        if available < size + 4:
+            return None
+        mask = bytes(data[pos + size : pos + size + 4])
+        size += 4
+    return FrameHeader(fin, opcode, mask, length, size)
+
+
+_KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
+
+
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+    """XOR `data` with the 4-byte `mask` repeated (RFC 6455 §5.3), as one big-integer operation."""
+    n = len(data)
+    if not n:
+        return b""
+    key = mask * ((n >> 2) + 1)
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(n, "little")
+
+
+def serialize_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """One frame. Servers send unmasked frames (§5.1), so one frame can go to many connections."""
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if mask is not None else 0
+    if n < 126:
+        header = bytes((b0, mask_bit | n))
+    elif n < 65536:
+        header = bytes((b0, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((b0, mask_bit | 127)) + n.to_bytes(8, "big")
+    if mask is not None:
+        return header + mask + apply_mask(payload, mask)
+    return header + payload
+
+
+def text_frame(text: str) -> bytes:
+    """A server text frame holding `text`."""
+    return serialize_frame(Opcode.TEXT, text.encode())
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """(code, reason) of a close frame's payload, RFC 6455 §5.5.1 and §7.4."""
+    if not payload:
+        return CloseCode.NO_STATUS_RCVD, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame payload of 1 byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not is_valid_close_code(code):
+        raise ProtocolError(f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("close reason is not valid UTF-8") from None
+    return code, reason
+
+
+def serialize_close(code: int, reason: str = "") -> bytes:
+    """A close frame's payload; NO_STATUS_RCVD means "no code" and gives an empty payload."""
+    if code == CloseCode.NO_STATUS_RCVD:
+        return b""
+    data = code.to_bytes(2, "big") + reason.encode()
+    return data[:MAX_CONTROL_PAYLOAD]
+
+
+# === 4. HTTP/1.1 (sans-I/O) =======================================================================
+#
+# Just enough of RFC 9112 for a WebSocket handshake, a JSON API and a page: a request head parsed
+# with limits, bodies by Content-Length only, keep-alive, and responses built as bytes. The reader
+# takes bytes and yields complete requests; it never reads from a socket.
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2 token
+_REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) HTTP/(\d)\.(\d)\Z")
+
+
+@dataclasses.dataclass
+class Request:
+    """One parsed HTTP request."""
+
+    method: str
+    target: str
+    path: str  # still percent-encoded
+    query: str
+    version: tuple[int, int]
+    headers: list[tuple[str, str]]  # (lower-case name, value), in order
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        """The value of header `name` (lower case), several lines joined with ", "; None if absent."""
+        values = [v for k, v in self.headers if k == name]
+        return ", ".join(values) if values else None
+
+    def header_count(self, name: str) -> int:
+        return sum(1 for k, _ in self.headers if k == name)
+
+    def tokens(self, name: str) -> list[str]:
+        """A comma-separated header as lower-case tokens: `Connection: keep-alive, Upgrade`."""
+        value = self.header(name) or ""
+        return [t.strip().lower() for t in value.split(",") if t.strip()]
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.tokens("connection")
+        if self.version >= (1, 1):
+            return "close" not in connection
+        return "keep-alive" in connection
+
+
+def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
+    """Parse a request line and headers (without the final blank line); raise HTTPError."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        # RFC 9110 §5.5: field values are ASCII in practice; anything else is refused, not guessed.
+        raise HTTPError(400, "request head is not ASCII") from None
+    lines = text.split("\r\n")
+    match = _REQUEST_LINE.match(lines[0])
+    if not match:
+        raise HTTPError(400, "malformed request line")
+    method, target, major, minor = match.groups()
+    version = (int(major), int(minor))
+    if version[0] != 1:
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    if not target.startswith("/"):
+        raise HTTPError(400, "request target must be an absolute path")
+    if len(lines) - 1 > max_headers:
+        raise HTTPError(431, f"more than {max_headers} header lines")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):
+            # RFC 9112 §5.2: obsolete line folding and whitespace before the colon are rejected.
+            raise HTTPError(400, "malformed header line")
+        value = value.strip(" \t")
+        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+            raise HTTPError(400, "control character in a header value")
+        headers.append((name.lower(), value))
+    path, _, query = target.partition("?")
+    return Request(method, target, path, query, version, headers)
+
+
+class RequestReader:
+    """Bytes in, complete requests out: `feed(data)` then `next_request()` until None.
+
+    Raises HTTPError for a head over `max_head_size` (431), a body over `max_body_size` (413), a
+    bad Content-Length (400) or Transfer-Encoding (411: this server reads Content-Length bodies).
+    """
+
+    def __init__(self, max_head_size: int = MAX_HEAD_SIZE, max_body_size: int = MAX_BODY_SIZE) -> None:
+        self.buffer = bytearray()
+        self.max_head_size = max_head_size
+        self.max_body_size = max_body_size
+        self._pending: Request | None = None  # head parsed, body not complete yet
+        self._body_length = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next_request(self) -> Request | None:
+        if self._pending is None:
+            end = self.buffer.find(b"\r\n\r\n", 0, self.max_head_size + 4)
+            if end < 0:
+                if len(self.buffer) > self.max_head_size:
+                    raise HTTPError(431, f"request head over {self.max_head_size} bytes")
+                return None
+            request = parse_request_head(bytes(self.buffer[:end]))
+            del self.buffer[: end + 4]
+            self._body_length = self._content_length(request)
+            self._pending = request
+        if len(self.buffer) < self._body_length:
+            return None
+        request, self._pending = self._pending, None
+        request.body = bytes(self.buffer[: self._body_length])
+        del self.buffer[: self._body_length]
+        return request
+
+    def _content_length(self, request: Request) -> int:
+        if request.header("transfer-encoding") is not None:
+            raise HTTPError(411, "Transfer-Encoding is not supported: send a Content-Length")
+        values = {v.strip() for k, v in request.headers if k == "content-length"}
+        if not values:
+            return 0
+        if len(values) > 1 or not next(iter(values)).isdigit():
+            raise HTTPError(400, "invalid Content-Length")
+        length = int(values.pop())
+        if length > self.max_body_size:
+            raise HTTPError(413, f"request body over {self.max_body_size} bytes")
+        return length
+
+
+@dataclasses.dataclass
+class Response:
+    """An HTTP response before serialisation; `head` drops the body but keeps its length."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def serialize(self, keep_alive: bool = True, head: bool = False) -> bytes:
+        reason = http.HTTPStatus(self.status).phrase
+        lines = [f"HTTP/1.1 {self.status} {reason}", f"Server: microsocket/{__version__}"]
+        if self.status != 101:
+            if self.body or self.status not in (204, 304):
+                lines.append(f"Content-Type: {self.content_type}")
+            lines.append(f"Content-Length: {len(self.body)}")
+            lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+        lines.extend(f"{k}: {v}" for k, v in self.headers)
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return data if head else data + self.body
+
+
+def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    body = (json.dumps(obj) + "\n").encode()
+    return Response(status, body, "application/json", list(headers))
+
+
+def error_response(error: HTTPError) -> Response:
+    return json_response(error.status, {"error": error.message}, error.headers)
+
+
+# === 5. WebSocket handshake (sans-I/O) ============================================================
+#
+# RFC 6455 §4.2: check the client's opening handshake, compute Sec-WebSocket-Accept, answer 101.
+# No extension and no subprotocol is accepted: the server implements none (§4.2.2: the server
+# selects "zero or more" and simply leaves unimplemented ones out of the response).
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (§4.2.2 step 5.4)."""
+    return base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+
+
+def check_handshake(request: Request) -> str:
+    """Check an upgrade request (§4.2.1); return its Sec-WebSocket-Key or raise HTTPError."""
+    if "websocket" not in request.tokens("upgrade"):
+        # A browser opening the URL as a page lands here: tell it which protocol to speak.
+        raise HTTPError(426, "this endpoint speaks WebSocket", [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")])
+    if request.method != "GET":
+        raise HTTPError(405, "a WebSocket handshake is a GET", [("Allow", "GET")])
+    if request.version < (1, 1):
+        raise HTTPError(400, "a WebSocket handshake needs HTTP/1.1")
+    if "upgrade" not in request.tokens("connection"):
+        raise HTTPError(400, "Connection header must contain 'upgrade'")
+    if request.header("host") is None:
+        raise HTTPError(400, "missing Host header")
+    if request.header("sec-websocket-version") != "13" or request.header_count("sec-websocket-version") != 1:
+        # §4.2.2: "...it MUST abort the handshake... and include Sec-WebSocket-Version: 13".
+        raise HTTPError(426, "unsupported WebSocket version: use 13", [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")])
+    key = request.header("sec-websocket-key")
+    if key is None or request.header_count("sec-websocket-key") != 1:
+        raise HTTPError(400, "missing or repeated Sec-WebSocket-Key")
+    try:
+        raw = base64.b64decode(key.encode(), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise HTTPError(400, "Sec-WebSocket-Key must be base64 of 16 bytes")
+    return key
+
+
+def handshake_response(key: str) -> bytes:
+    """The 101 response that completes the handshake."""
+    return Response(
+        101,
+        headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(key))],
+    ).serialize()
+
+
+# === 6. WebSocket connection (sans-I/O) ===========================================================
+#
+# Theory of operation. `receive_data(bytes)` takes whatever the network delivered and returns the
+# complete messages in it, as (Opcode.TEXT, str) or (Opcode.BINARY, bytes). Control frames are
+# handled here: a ping queues a pong with the same payload, a close queues the closing reply.
+# `data_to_send()` hands over the bytes to write. The state only moves forward:
+#
+#     OPEN ──close received──> CLOSED (reply queued; the server then closes TCP, §7.1.1)
+#     OPEN ──close() or a protocol error──> CLOSING (close sent) ──close received──> CLOSED
+#
+# Data frames are processed as their bytes arrive, not when the frame is complete: a text frame's
+# payload goes through an incremental UTF-8 decoder chunk by chunk, so invalid text fails (1007)
+# at the fragment, even the TCP segment, where it breaks. The size limit is checked against each
+# frame header before its payload is buffered (1009). Every ProtocolError is caught in one place,
+# `receive_data`, and becomes a close frame with its code.
+
+OPEN, CLOSING, CLOSED = "OPEN", "CLOSING", "CLOSED"
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class WebSocketConnection:
+    """The server side of one WebSocket connection, without I/O."""
+
+    __slots__ = (
+        "state",
+        "max_message_size",
+        "close_code",
+        "close_reason",
+        "_buffer",
+        "_header",
+        "_remaining",
+        "_offset",
+        "_message_opcode",
+        "_parts",
+        "_size",
+        "_decoder",
+        "_out",
+    )
+
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        self.state = OPEN
+        self.max_message_size = max_message_size
+        self.close_code: int | None = None  # the code received from the peer, once it has closed
+        self.close_reason = ""
+        self._buffer = b""  # unparsed input
+        self._header: FrameHeader | None = None  # the data frame whose payload is arriving
+        self._remaining = 0  # payload bytes of that frame still to come
+        self._offset = 0  # payload bytes of that frame already unmasked (the mask's phase)
+        self._message_opcode = 0  # TEXT or BINARY while a fragmented message is open, else 0
+        self._parts: list = []  # str pieces of a text message, bytes pieces of a binary one
+        self._size = 0  # bytes of the open message so far
+        self._decoder: Any = None  # incremental UTF-8 decoder of the open text message
+        self._out: list[bytes] = []
+
+    # -- input
+
+    def receive_data(self, data: bytes) -> list[tuple[int, Any]]:
+        """Feed bytes from the network; return the messages they complete."""
+        if self.state == CLOSED:
+            return []
+        messages: list[tuple[int, Any]] = []
+        self._buffer = self._buffer + data if self._buffer else data
+        try:
+            self._parse(messages)
+        except ProtocolError as exc:
+            if self.state == OPEN:
+                self.close(exc.code, exc.reason)
+            else:
+                self.state = CLOSED  # garbage while waiting for the peer's close: give up on it
+            self._buffer = b""
+            self._parts = []
+        return messages
+
+    def _parse(self, messages: list[tuple[int, Any]]) -> None:
+        buf = self._buffer
+        pos = 0
+        end = len(buf)
+        while self.state != CLOSED:
+            header = self._header
+            if header is None:
+                header = parse_header(buf, pos, self.max_message_size)
+                if header is None:
+                    break
+                if header.mask is None:
+                    # §5.1: "The server MUST close the connection upon receiving a frame that is
+                    # not masked."
+                    raise ProtocolError("client frames must be masked")
+                if header.opcode >= 8:
+                    if end - pos < header.size + header.length:
+                        break  # control frames are at most 125 bytes: wait for the whole frame
+                    start = pos + header.size
+                    pos = start + header.length
+                    self._control(header.opcode, apply_mask(buf[start:pos], header.mask))
+                    continue
+                self._start_frame(header)
+                pos += header.size
+                self._header = header
+                self._remaining = header.length
+                self._offset = 0
+            # Payload of a data frame: take what has arrived, however little.
+            take = min(self._remaining, end - pos)
+            if take or not self._remaining:
+                chunk = buf[pos : pos + take]
+                pos += take
+                mask = header.mask
+                if self._offset & 3:
+                    phase = self._offset & 3
+                    mask = mask[phase:] + mask[:phase]
+                self._offset += take
+                self._remaining -= take
+                self._payload(apply_mask(chunk, mask), not self._remaining and header.fin, messages)
+                if not self._remaining:
+                    self._header = None
+                    continue
+            break
+        self._buffer = buf[pos:] if pos < end else b""
+
+    def _start_frame(self, header: FrameHeader) -> None:
+        if header.opcode == Opcode.CONT:
+            if not self._message_opcode:
+                raise ProtocolError("continuation frame without a message to continue")  # §5.4
+        elif self._message_opcode:
+            raise ProtocolError("new data frame while a fragmented message is open")  # §5.4
+        else:
+            self._message_opcode = header.opcode
+            self._size = 0
+        if self._size + header.length > self.max_message_size:
+            raise PayloadTooBig(f"message over the {self.max_message_size}-byte limit")
+        self._size += header.length
+
+    def _payload(self, chunk: bytes, last: bool, messages: list[tuple[int, Any]]) -> None:
+        opcode = self._message_opcode
+        if self.state != OPEN:
+            if last:
+                self._end_message()
+            return  # after our close frame, data is read only to reach the peer's close
+        if opcode == Opcode.TEXT:
+            try:
+                if last and not self._parts:  # the whole message in one chunk: the common case
+                    messages.append((opcode, chunk.decode()))
+                    self._end_message()
+                    return
+                if self._decoder is None:
+                    self._decoder = _utf8_decoder()
+                self._parts.append(self._decoder.decode(chunk, last))
+            except UnicodeDecodeError:
+                # §8.1: "When an endpoint is to interpret a byte stream as UTF-8 but finds that
+                # the byte stream is not, in fact, a valid UTF-8 stream, that endpoint MUST
+                # _Fail the WebSocket Connection_." Code 1007 (§7.4.1).
+                raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None
+            if last:
+                messages.append((opcode, "".join(self._parts)))
+                self._end_message()
+        else:
+            if last and not self._parts:
+                messages.append((opcode, chunk))
+            else:
+                self._parts.append(chunk)
+                if last:
+                    messages.append((opcode, b"".join(self._parts)))
+            if last:
+                self._end_message()
+
+    def _end_message(self) -> None:
+        self._message_opcode = 0
+        self._parts = []
+        self._decoder = None
+        self._size = 0
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == Opcode.PING:
+            if self.state == OPEN:
+                # §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+                # response... [with] identical "Application data"".
+                self._out.append(serialize_frame(Opcode.PONG, payload))
+        elif opcode == Opcode.CLOSE:
+            code, reason = parse_close(payload)
+            self.close_code, self.close_reason = code, reason
+            if self.state == OPEN:
+                # §5.5.1: "the endpoint MUST send a Close frame in response", echoing the code.
+                self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code)))
+            self.state = CLOSED
+            self._end_message()
+        # A pong needs nothing: any input at all counts as a sign of life (section 14).
+
+    # -- output
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (§7.1.2); only the peer's close frame completes it."""
+        if self.state == OPEN:
+            self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code, reason)))
+            self.state = CLOSING
+            self._end_message()
+
+    def data_to_send(self) -> bytes:
+        """The bytes queued by the state machine (pongs and close frames), once."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+
+# === 7. Pub/sub message schema ====================================================================
+#
+# What a client may send and what it gets back, as dicts. `decode_client_message` turns text into a
+# checked dict or raises ClientError with the SPEC's code and the offending field; `encode` turns a
+# server message into compact JSON. No state, no I/O.
+
+CLIENT_TYPES = frozenset(
+    ("setup", "subscribe", "unsubscribe", "publish", "replay", "resume", "ack", "refresh", "presence", "ping")
+)
+SERVER_TYPES = frozenset(
+    ("ready", "subscribed", "unsubscribed", "ack", "message", "replayed", "resumed", "refreshed", "presence", "pong", "error")
+)
+ERROR_CODES = (
+    "AUTH_REQUIRED",
+    "AUTH_FAILED",
+    "ALREADY_SETUP",
+    "INVALID_JSON",
+    "UNKNOWN_TYPE",
+    "INVALID_MESSAGE",
+    "INVALID_TOPIC",
+    "TOPIC_LOCKED",
+    "ACL_DENIED",
+    "TOO_MANY_SUBSCRIPTIONS",
+    "RATE_LIMITED",
+    "SESSION_EXPIRED",
+    "REPLAY_UNAVAILABLE",
+    "BACKBONE_UNAVAILABLE",
+    "INTERNAL_ERROR",
+)
+
+# Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed.
+_BAD_TOPIC_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff*]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError("number out of range")
+    return value
+
+
+_INF = float("inf")
+# NaN, Infinity and numbers that overflow to infinity are refused: they could not be sent on as JSON.
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_parse_float).decode
+encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def check_topic(topic: Any, max_length: int = MAX_TOPIC_LENGTH, field: str = "topic") -> str:
+    """Return `topic` if it is a valid topic name, else raise ClientError."""
+    if not isinstance(topic, str):
+        raise ClientError("INVALID_MESSAGE", f"'{field}' must be a string", field=field)
+    if not topic:
+        raise ClientError("INVALID_TOPIC", "topic is empty", field=field)
+    if len(topic) > max_length:
+        raise ClientError("INVALID_TOPIC", f"topic is over {max_length} characters", field=field)
+    if _BAD_TOPIC_CHAR.search(topic):
+        raise ClientError("INVALID_TOPIC", "topic contains whitespace, a control character or '*'", field=field, topic=topic)
+    return topic
+
+
+def decode_client_message(text: str) -> dict:
+    """Parse one client message; check `type` and `id`. Field checks are per type (section 12)."""
+    try:
+        msg = _decode(text)
+    except (ValueError, RecursionError):
+        raise ClientError("INVALID_JSON", "message is not valid JSON") from None
+    if not isinstance(msg, dict):
+        raise ClientError("INVALID_JSON", "message must be a JSON object")
+    kind = msg.get("type")
+    if "id" in msg:
+        msg_id = msg["id"]
+        if isinstance(msg_id, bool) or not isinstance(msg_id, (str, int, float)):
+            raise ClientError("INVALID_MESSAGE", "'id' must be a string or a number", field="id")
+    if not isinstance(kind, str):
+        raise ClientError("UNKNOWN_TYPE", "'type' is missing or not a string", field="type")
+    if kind not in CLIENT_TYPES:
+        raise ClientError("UNKNOWN_TYPE", f"unknown message type {kind[:64]!r}", field="type")
+    return msg
+
+
+def require(msg: dict, field: str, kind: type | tuple, what: str) -> Any:
+    """msg[field] if it is present and of `kind` (never a bool for numbers), else ClientError."""
+    value = msg.get(field)
+    if value is None or not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ClientError("INVALID_MESSAGE", f"'{field}' must be {what}", field=field)
+    return value
+
+
+def _as_tuple(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def error_message(code: str, message: str, msg_id: Any = None, **context: Any) -> dict:
+    out = {"type": "error", "code": code, "message": message}
+    out.update((k, v) for k, v in context.items() if v is not None)
+    if msg_id is not None:
+        out["id"] = msg_id
+    return out
+
+
+# === 8. Topic store ===============================================================================
+#
+# topic -> set of clients, plus each client's own set of topics (the reverse index), so that
+# dropping a connection costs O(its topics) and a broadcast costs O(that topic's subscribers).
+# A topic with no subscriber is removed. The count of (topic, client) pairs is kept, not recounted.
+
+
+class TopicStore:
+    def __init__(self) -> None:
+        self.subscribers: dict[str, set] = {}
+        self.count = 0
+
+    def subscribe(self, client: Client, topic: str) -> bool:
+        """Add; False if it was already there."""
+        if topic in client.topics:
+            return False
+        client.topics.add(topic)
+        subs = self.subscribers.get(topic)
+        if subs is None:
+            subs = self.subscribers[topic] = set()
+        subs.add(client)
+        self.count += 1
+        return True
+
+    def unsubscribe(self, client: Client, topic: str) -> bool:
+        """Remove; False if it was not there."""
+        if topic not in client.topics:
+            return False
+        client.topics.discard(topic)
+        subs = self.subscribers[topic]
+        subs.discard(client)
+        if not subs:
+            del self.subscribers[topic]
+        self.count -= 1
+        return True
+
+    def remove_client(self, client: Client) -> None:
+        for topic in list(client.topics):
+            self.unsubscribe(client, topic)
+
+
+# === 9. Dedup =====================================================================================
+#
+# Invariant I2: an accepted (userId, messageId) is remembered for the window; a repeat gets the
+# original seqNo back and is not delivered again. Memory is bounded per user and in total, and the
+# oldest entry goes first: one ordered map per user, and one global ordered map that fixes the age
+# order across users. Time comes from an injectable clock so tests move it instead of sleeping.
+
+
+class Dedup:
+    def __init__(
+        self,
+        window: float = DEDUP_WINDOW,
+        per_user: int = DEDUP_PER_USER,
+        total: int = DEDUP_TOTAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.per_user = per_user
+        self.total = total
+        self.clock = clock
+        self._users: dict[str, collections.OrderedDict] = {}  # user -> {messageId: (seqNo, time)}
+        self._order: collections.OrderedDict = collections.OrderedDict()  # (user, messageId) -> time
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def get(self, user: str, message_id: str) -> int | None:
+        """The seqNo of an accepted publish still inside the window, else None."""
+        entries = self._users.get(user)
+        if entries is None:
+            return None
+        entry = entries.get(message_id)
+        if entry is None or entry[1] <= self.clock() - self.window:
+            return None
+        return entry[0]
+
+    def add(self, user: str, message_id: str, seq: int) -> None:
+        now = self.clock()
+        self._expire(now)
+        entries = self._users.get(user)
+        if entries is None:
+            entries = self._users[user] = collections.OrderedDict()
+        key = (user, message_id)
+        if message_id in entries:  # an expired entry being replaced: it moves to the young end
+            del entries[message_id]
+            del self._order[key]
+        entries[message_id] = (seq, now)
+        self._order[key] = now
+        if len(entries) > self.per_user:
+            self._forget(user, next(iter(entries)))
+        if len(self._order) > self.total:
+            self._forget(*next(iter(self._order)))
+
+    def _expire(self, now: float) -> None:
+        order = self._order
+        horizon = now - self.window
+        while order:
+            key, added = next(iter(order.items()))
+            if added > horizon:
+                break
+            self._forget(*key)
+
+    def _forget(self, user: str, message_id: str) -> None:
+        entries = self._users[user]
+        del entries[message_id]
+        del self._order[(user, message_id)]
+        if not entries:
+            del self._users[user]
+
+
+# === 10. History ==================================================================================
+#
+# Each topic keeps its most recent messages for `replay`, bounded by count per topic, by age, and
+# by bytes across all topics; the oldest goes first. An entry is (seqNo, time, frame bytes): the
+# same frame that was broadcast, so a replay re-sends bytes without encoding anything again.
+
+
+class History:
+    def __init__(
+        self,
+        max_messages: int = HISTORY_MESSAGES,
+        max_age: float = HISTORY_AGE,
+        max_bytes: int = HISTORY_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.bytes = 0
+        self.count = 0
+        self._topics: dict[str, collections.deque] = {}
+        # (topic, seqNo) in arrival order across topics, for the age and byte bounds. Entries that
+        # the per-topic bound dropped stay until they reach the front or a compaction removes them.
+        self._order: collections.deque = collections.deque()
+
+    def add(self, topic: str, seq: int, frame: bytes) -> None:
+        if self.max_messages <= 0:
+            return
+        now = self.clock()
+        entries = self._topics.get(topic)
+        if entries is None:
+            entries = self._topics[topic] = collections.deque()
+        entries.append((seq, now, frame))
+        self._order.append((topic, seq))
+        self.bytes += len(frame)
+        self.count += 1
+        if len(entries) > self.max_messages:
+            self._drop_oldest(topic)
+            if len(self._order) > 2 * self.count + 1024:
+                self._compact()
+        self.expire(now)
+
+    def _compact(self) -> None:
+        """Drop the order entries of messages already gone: keeps `_order` within 2x the count."""
+        topics = self._topics
+        self._order = collections.deque(
+            (topic, seq) for topic, seq in self._order if topic in topics and seq >= topics[topic][0][0]
+        )
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop what is over the age or byte bound, oldest first, across topics."""
+        horizon = (self.clock() if now is None else now) - self.max_age
+        order = self._order
+        while order:
+            topic, seq = order[0]
+            entries = self._topics.get(topic)
+            if not entries or entries[0][0] != seq:
+                order.popleft()  # already dropped by the per-topic bound
+                continue
+            if entries[0][1] > horizon and self.bytes <= self.max_bytes:
+                break
+            self._drop_oldest(topic)
+
+    def _drop_oldest(self, topic: str) -> None:
+        entries = self._topics[topic]
+        _, _, frame = entries.popleft()
+        self.bytes -= len(frame)
+        self.count -= 1
+        if not entries:
+            del self._topics[topic]
+
+    def oldest(self, topic: str) -> int | None:
+        """The oldest retained seqNo of `topic`, None when nothing is retained."""
+        entries = self._topics.get(topic)
+        return entries[0][0] if entries else None
+
+    def since(self, topic: str, from_seq: int) -> list[bytes]:
+        """The frames of seqNo >= from_seq, in order (all retained seqNos are consecutive)."""
+        entries = self._topics.get(topic)
+        if not entries:
+            return []
+        first = entries[0][0]
+        start = max(0, from_seq - first)
+        return [frame for _, _, frame in itertools.islice(entries, start, None)]
+
+
+# === 11. Auth =====================================================================================
+#
+# Demo mode, the default and for now the only mode: any non-empty token is accepted and becomes the
+# userId. `authenticate` is the one place every entry point (setup, refresh, POST /publish) calls,
+# so verified tokens (JWT) and ACLs slot in here.
+
+
+def authenticate(token: Any) -> str:
+    """The userId for `token`, or ClientError AUTH_FAILED."""
+    if not isinstance(token, str) or not token:
+        raise ClientError("AUTH_FAILED", "a non-empty string 'token' is required", field="token")
+    if len(token) > 4096:
+        raise ClientError("AUTH_FAILED", "token is over 4096 characters", field="token")
+    return token
+
+
+# === 12. Broker ===================================================================================
+#
+# The application core: it holds the topic store, the seqNo counters, dedup, history and the
+# counters behind /stats, and it never awaits or touches a socket. A `Client` is the broker's view
+# of one connection: who it is, what it subscribed to, and an outbox of frames. Output is written
+# into outboxes; a client whose outbox goes from empty to non-empty is put on the `dirty` list, and
+# `wake()` tells the I/O layer (once per batch) that there is something to flush. A broadcast
+# encodes its JSON once, frames it once, and appends the same bytes to every subscriber's outbox.
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishResult:
+    status: str  # "ok" or "duplicate"
+    message_id: str
+    seq_no: int
+    subscribers: int  # connections it was delivered to (0 for a duplicate)
+
+
+class Client:
+    """One connection as the broker sees it. The I/O layer subclasses it."""
+
+    __slots__ = ("out", "out_bytes", "user_id", "session_id", "topics", "bound_topic", "is_echo", "broker")
+
+    def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
+        self.out: list[bytes] = []  # frames waiting for the end of this event-loop turn
+        self.out_bytes = 0
+        self.user_id: str | None = None  # set by setup
+        self.session_id: str | None = None
+        self.topics: set[str] = set()
+        self.bound_topic = bound_topic  # /ws/sub/{topic}: the only topic it may (un)subscribe
+        self.is_echo = False
+        self.broker = broker
+
+    def send(self, frame: bytes) -> None:
+        """Queue one frame; it is written at the end of the event-loop turn."""
+        if not self.out:
+            self.broker.mark_dirty(self)
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+
+    def take_output(self) -> bytes:
+        """Everything queued, as one buffer, once."""
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        return data
+
+
+class Broker:
+    """The pub/sub core. `handle(client, text)` for WebSocket messages, `publish` for the rest."""
+
+    def __init__(self, config: Config, wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.wake = wake
+        self.clock = clock
+        self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
+        self.topics = TopicStore()
+        self.seq: dict[str, int] = {}
+        self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
+        self.history = History(config.history_messages, config.history_age, config.history_bytes, clock)
+        self.dirty: list[Client] = []
+        self.connections = 0
+        self.published = 0
+        self.delivered = 0
+        self.duplicates = 0
+        self.errors: collections.Counter = collections.Counter()
+        self._handlers: dict[str, Callable[[Client, dict], None]] = {
+            "setup": self._setup,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "publish": self._publish,
+            "replay": self._replay,
+            "resume": self._resume,
+            "ack": self._ack,
+            "refresh": self._refresh,
+            "presence": self._presence,
+            "ping": self._ping,
+        }
+
+    # -- connections
+
+    def connect(self, client: Client) -> None:
+        self.connections += 1
+
+    def disconnect(self, client: Client) -> None:
+        """Forget a connection: O(its topics). Safe to call twice."""
+        if client.broker is None:
+            return
+        self.topics.remove_client(client)
+        client.broker = None
+        client.out.clear()
+        self.connections -= 1
+
+    def mark_dirty(self, client: Client) -> None:
+        if not self.dirty:
+            self.wake()
+        self.dirty.append(client)
+
+    # -- messages from clients
+
+    def handle(self, client: Client, text: str) -> None:
+        """Process one text message from `client`; replies go to its outbox."""
+        msg_id = None
+        try:
+            msg = decode_client_message(text)
+            msg_id = msg.get("id")
+            kind = msg["type"]
+            if client.user_id is None and kind not in ("setup", "ping"):
+                raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
+            self._handlers[kind](client, msg)
+        except ClientError as exc:
+            self._error(client, exc.code, exc.message, msg_id, **exc.context)
+        except Exception:
+            log.exception("unexpected failure handling a message")
+            self._error(client, "INTERNAL_ERROR", "the server failed to handle this message", msg_id)
+
+    def handle_binary(self, client: Client) -> None:
+        self._error(client, "INVALID_JSON", "binary frames are not accepted: send JSON in a text frame")
+
+    def _error(self, client: Client, code: str, message: str, msg_id: Any = None, **context: Any) -> None:
+        self.errors[code] += 1
+        client.send(text_frame(encode(error_message(code, message, msg_id, **context))))
+
+    def _reply(self, client: Client, request: dict, reply: dict) -> None:
+        msg_id = request.get("id")
+        if msg_id is not None:
+            reply["id"] = msg_id
+        client.send(text_frame(encode(reply)))
+
+    def _setup(self, client: Client, msg: dict) -> None:
+        if client.user_id is not None:
+            raise ClientError("ALREADY_SETUP", "this connection is already set up")
+        user_id = authenticate(msg.get("token"))
+        topics = [] if client.bound_topic is None else [client.bound_topic]
+        requested = msg.get("topics")
+        if requested is not None:
+            if not isinstance(requested, list):
+                raise ClientError("INVALID_MESSAGE", "'topics' must be an array of topics", field="topics")
+            for topic in requested:
+                check_topic(topic, self.config.max_topic_length, "topics")
+                if client.bound_topic is not None and topic != client.bound_topic:
+                    raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", field="topics", topic=topic)
+                if topic not in topics:
+                    topics.append(topic)
+        if len(topics) > self.config.max_subscriptions:
+            raise ClientError(
+                "TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", field="topics"
+            )
+        # Checked in full before anything changes: a refused setup leaves the connection as it was.
+        client.user_id = user_id
+        client.session_id = secrets.token_urlsafe(16)  # 128 random bits
+        self._reply(client, msg, {"type": "ready", "sessionId": client.session_id, "userId": user_id, "epoch": self.epoch})
+        for topic in topics:
+            self.topics.subscribe(client, topic)
+            self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
+
+    def _topic_of(self, client: Client, msg: dict, locked: bool) -> str:
+        topic = check_topic(msg.get("topic") if "topic" in msg else None, self.config.max_topic_length)
+        if locked and client.bound_topic is not None and topic != client.bound_topic:
+            raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", topic=topic)
+        return topic
+
+    def _subscribe(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=True)
+        if topic not in client.topics and len(client.topics) >= self.config.max_subscriptions:
+            raise ClientError(
+                "TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", topic=topic
+            )
+        self.topics.subscribe(client, topic)
+        self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
+
+    def _unsubscribe(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=True)
+        self.topics.unsubscribe(client, topic)
+        self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
+
+    def _publish(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=False)
+        message_id = self.check_message_id(msg.get("messageId"), topic)
+        result = self.publish(client.user_id, topic, message_id, msg.get("payload"))
+        self._reply(client, msg, {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no})
+
+    def check_message_id(self, message_id: Any, topic: str | None = None) -> str:
+        if not isinstance(message_id, str) or not message_id:
+            raise ClientError("INVALID_MESSAGE", "'messageId' must be a non-empty string", field="messageId", topic=topic)
+        if len(message_id) > self.config.max_message_id_length:
+            raise ClientError(
+                "INVALID_MESSAGE",
+                f"'messageId' is over {self.config.max_message_id_length} characters",
+                field="messageId",
+                topic=topic,
+            )
+        return message_id
+
+    def _replay(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=False)
+        from_seq = require(msg, "fromSeq", int, "an integer >= 1")
+        if from_seq < 1:
+            raise ClientError("INVALID_MESSAGE", "'fromSeq' must be an integer >= 1", field="fromSeq", topic=topic)
+        epoch = msg.get("epoch")
+        last = self.seq.get(topic, 0)
+        self.history.expire()
+        oldest = self.history.oldest(topic)
+        if epoch is not None and epoch != self.epoch:
+            raise ClientError(
+                "REPLAY_UNAVAILABLE", "that epoch is not this server's: seqNos have restarted", topic=topic, oldestSeq=oldest or last + 1
+            )
+        if from_seq <= last and (oldest is None or from_seq < oldest):
+            raise ClientError(
+                "REPLAY_UNAVAILABLE", f"history no longer holds seqNo {from_seq}", topic=topic, oldestSeq=oldest or last + 1
+            )
+        for frame in self.history.since(topic, from_seq):
+            client.send(frame)
+        self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
+
+    def _resume(self, client: Client, msg: dict) -> None:
+        require(msg, "sessionId", str, "a string")
+        # Sessions do not outlive their connection in this version: no session can be resumed.
+        raise ClientError("SESSION_EXPIRED", "unknown or expired session", field="sessionId")
+
+    def _ack(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=False)
+        if "seqNo" in msg or "messageId" not in msg:
+            require(msg, "seqNo", int, "an integer")
+        if "messageId" in msg:
+            self.check_message_id(msg["messageId"], topic)
+        # Accepted; positions are recorded per session once sessions outlive connections.
+
+    def _refresh(self, client: Client, msg: dict) -> None:
+        user_id = authenticate(msg.get("token"))
+        if user_id != client.user_id:
+            raise ClientError("AUTH_FAILED", "the new token names another user", field="token")
+        self._reply(client, msg, {"type": "refreshed", "expiresAt": None})
+
+    def _presence(self, client: Client, msg: dict) -> None:
+        topic = self._topic_of(client, msg, locked=False)
+        users = sorted({c.user_id for c in self.topics.subscribers.get(topic, ())})
+        self._reply(client, msg, {"type": "presence", "topic": topic, "users": users, "count": len(users)})
+
+    def _ping(self, client: Client, msg: dict) -> None:
+        self._reply(client, msg, {"type": "pong"})
+
+    # -- publishing, from any entry point
+
+    def publish(self, user_id: str, topic: str, message_id: str, data: Any) -> PublishResult:
+        """Sequence, remember and fan out one message (topic and messageId already checked)."""
+        seq = self.dedup.get(user_id, message_id)
+        if seq is not None:
+            self.duplicates += 1
+            return PublishResult("duplicate", message_id, seq, 0)
+        seq = self.seq.get(topic, 0) + 1
+        frame = text_frame(encode({"type": "message", "topic": topic, "seqNo": seq, "messageId": message_id, "data": data}))
+        self.seq[topic] = seq
+        self.dedup.add(user_id, message_id, seq)
+        self.history.add(topic, seq, frame)
+        self.published += 1
+        subs = self.topics.subscribers.get(topic)
+        if not subs:
+            return PublishResult("ok", message_id, seq, 0)
+        dirty = self.dirty
+        if not dirty:
+            self.wake()
+        size = len(frame)
+        for c in subs:
+            out = c.out
+            if not out:
+                dirty.append(c)
+            out.append(frame)
+            c.out_bytes += size
+        n = len(subs)
+        self.delivered += n
+        return PublishResult("ok", message_id, seq, n)
+
+    def stats(self) -> dict:
+        return {
+            "connections": self.connections,
+            "topics": len(self.topics.subscribers),
+            "subscriptions": self.topics.count,
+            "published": self.published,
+            "delivered": self.delivered,
+            "duplicates": self.duplicates,
+            "epoch": self.epoch,
+            "history": {"messages": self.history.count, "bytes": self.history.bytes},
+            "dedup": {"entries": len(self.dedup)},
+            "errors": dict(self.errors),
+        }
+
+
+# === 13. HTTP routes ==============================================================================
+#
+# A route table from (path pattern, method) to a handler; a handler takes a Request and returns a
+# Response or raises HTTPError, and `App.handle` turns every failure into a JSON error in one
+# place. WebSocket endpoints return an `Upgrade` instead: the I/O layer then switches protocols.
+# Nothing here does I/O, so every route can be tested in-process.
+
+
+@dataclasses.dataclass(frozen=True)
+class Upgrade:
+    """The request is a valid WebSocket handshake for `kind` ("ws", "sub" or "echo")."""
+
+    kind: str
+    response: bytes
+    topic: str | None = None
+
+
+_BUILTIN_DOCS = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>microsocket</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}</style></head>
+<body><h1>microsocket</h1><p>docs.html was not found beside the server, so this is the short version.</p>
+<ul><li><code>ws://HOST/ws</code>: one connection, many topics</li>
+<li><code>ws://HOST/ws/sub/{topic}</code>: a connection bound to one topic</li>
+<li><a href="/stats"><code>GET /stats</code></a>, <a href="/healthz"><code>GET /healthz</code></a>,
+<a href="/openapi"><code>GET /openapi</code></a>, <code>GET /demo/publish/{topic}?k=v</code>,
+<code>POST /publish</code></li></ul></body></html>
+"""
+
+
+class App:
+    """Routes HTTP requests; holds no connection state."""
+
+    def __init__(self, config: Config, broker: Broker) -> None:
+        self.config = config
+        self.broker = broker
+        self.docs = self._load_docs()
+        self._demo_ids = itertools.count(1)
+        get = ("GET",)
+        self.routes: list[tuple[re.Pattern, tuple[str, ...], Callable[..., Any]]] = [
+            (re.compile(r"/\Z"), get, self.index),
+            (re.compile(r"/docs\Z"), get, self.docs_page),
+            (re.compile(r"/ws\Z"), get, self.websocket),
+            (re.compile(r"/ws/sub/(?P<topic>.+)\Z"), get, self.websocket_sub),
+            (re.compile(r"/stats\Z"), get, self.stats),
+            (re.compile(r"/healthz\Z"), get, self.healthz),
+            (re.compile(r"/openapi\.json\Z"), get, self.openapi_json),
+            (re.compile(r"/openapi\Z"), get, self.openapi_page),
+            (re.compile(r"/publish\Z"), ("POST",), self.post_publish),
+        ]
+        if config.demo:
+            self.routes.append((re.compile(r"/demo/publish/(?P<topic>.+)\Z"), get, self.demo_publish))
+        if config.echo:
+            self.routes.append((re.compile(r"/echo\Z"), get, self.echo))
+
+    def _load_docs(self) -> bytes:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs.html")
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            return _BUILTIN_DOCS.encode()
+
+    def handle(self, request: Request) -> Response | Upgrade:
+        """Dispatch; every failure becomes a JSON error response here."""
+        try:
+            handler, params = self._route(request)
+            return handler(request, **params)
+        except HTTPError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected failure handling %s %s", request.method, request.path)
+            return error_response(HTTPError(500, "internal server error"))
+
+    def _route(self, request: Request) -> tuple[Callable[..., Any], dict]:
+        method = "GET" if request.method == "HEAD" else request.method
+        for pattern, methods, handler in self.routes:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            if method not in methods:
+                allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
+                raise HTTPError(405, f"method {request.method} not allowed", [("Allow", allow)])
+            return handler, match.groupdict()
+        raise HTTPError(404, "not found")
+
+    # -- WebSocket endpoints
+
+    def websocket(self, request: Request) -> Upgrade:
+        return Upgrade("ws", handshake_response(self._check_upgrade(request)))
+
+    def websocket_sub(self, request: Request, topic: str) -> Upgrade:
+        key = self._check_upgrade(request)
+        topic = _url_topic(topic, self.config.max_topic_length)
+        return Upgrade("sub", handshake_response(key), topic)
+
+    def echo(self, request: Request) -> Upgrade:
+        return Upgrade("echo", handshake_response(self._check_upgrade(request)))
+
+    def _check_upgrade(self, request: Request) -> str:
+        key = check_handshake(request)
+        if self.broker.connections >= self.config.max_connections:
+            raise HTTPError(503, f"connection limit ({self.config.max_connections}) reached: try again later", [("Retry-After", "1")])
+        return key
+
+    # -- pages and JSON
+
+    def index(self, request: Request) -> Response:
+        return Response(302, b"", "text/plain", [("Location", "/docs")])
+
+    def docs_page(self, request: Request) -> Response:
+        return Response(200, self.docs, "text/html; charset=utf-8")
+
+    def healthz(self, request: Request) -> Response:
+        return Response(200, b"ok\n", "text/plain; charset=utf-8")
+
+    def stats(self, request: Request) -> Response:
+        return json_response(200, self.broker.stats(), [("Cache-Control", "no-store")])
+
+    def openapi_json(self, request: Request) -> Response:
+        return json_response(200, openapi_document(self.config))
+
+    def openapi_page(self, request: Request) -> Response:
+        return Response(200, openapi_html(openapi_document(self.config)).encode(), "text/html; charset=utf-8")
+
+    # -- publishing over HTTP
+
+    def demo_publish(self, request: Request, topic: str) -> Response:
+        topic = _url_topic(topic, self.config.max_topic_length)
+        try:
+            data = dict(urllib.parse.parse_qsl(request.query, keep_blank_values=True, errors="strict"))
+        except UnicodeDecodeError:
+            raise HTTPError(400, "query string is not valid UTF-8") from None
+        message_id = f"demo-{next(self._demo_ids)}-{secrets.token_hex(4)}"
+        result = self.broker.publish("demo", topic, message_id, data)
+        body = {"ok": True, "topic": topic, "messageId": message_id, "seqNo": result.seq_no, "subscribers": result.subscribers}
+        return json_response(200, body)
+
+    def post_publish(self, request: Request) -> Response:
+        scheme, _, token = (request.header("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPError(401, "send Authorization: Bearer <token>", [("WWW-Authenticate", "Bearer")])
+        try:
+            user_id = authenticate(token.strip())
+        except ClientError as exc:
+            raise HTTPError(401, exc.message, [("WWW-Authenticate", 'Bearer error="invalid_token"')]) from None
+        try:
+            body = _decode(request.body.decode())
+        except (ValueError, RecursionError):
+            raise HTTPError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, 'body must be a JSON object {"topic", "messageId"?, "data"}')
+        try:
+            topic = check_topic(body.get("topic"), self.config.max_topic_length)
+            if body.get("messageId") is None:
+                message_id = f"http-{secrets.token_hex(8)}"
+            else:
+                message_id = self.broker.check_message_id(body["messageId"], topic)
+        except ClientError as exc:
+            raise HTTPError(400, exc.message) from None
+        result = self.broker.publish(user_id, topic, message_id, body.get("data"))
+        return json_response(200, {"status": result.status, "messageId": message_id, "seqNo": result.seq_no})
+
+
+def _url_topic(raw: str, max_length: int) -> str:
+    """The topic in a URL path segment, percent-decoded as UTF-8 and checked; else HTTP 400."""
+    try:
+        topic = urllib.parse.unquote(raw, errors="strict")
+        return check_topic(topic, max_length)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "topic is not valid UTF-8") from None
+    except ClientError as exc:
+        raise HTTPError(400, f"invalid topic: {exc.message}") from None
+
+
+def openapi_document(config: Config) -> dict:
+    """OpenAPI 3.1 description of the HTTP routes."""
+    error = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+    def json_ok(ref: str, text: str) -> dict:
+        return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+    paths: dict[str, Any] = {
+        "/": {"get": {"summary": "Redirect to /docs", "responses": {"302": {"description": "to /docs"}}}},
+        "/docs": {"get": {"summary": "Protocol reference and live console", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok", "content": {"text/plain": {"example": "ok"}}}}}},
+        "/stats": {"get": {"summary": "Counters", "responses": {"200": json_ok("#/components/schemas/Stats", "current counters")}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+        "/openapi": {"get": {"summary": "This document as a page", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
+        "/publish": {
+            "post": {
+                "summary": "Publish a message as the token's user (same auth and dedup as a WebSocket publish)",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/PublishRequest"},
+                            "example": {"topic": "prices", "messageId": "order-1", "data": {"btc": 97000}},
+                        }
+                    },
+                },
+                "responses": {
+                    "200": json_ok("#/components/schemas/PublishResponse", "accepted or duplicate"),
+                    "400": error,
+                    "401": error,
+                    "411": error,
+                    "413": error,
+                },
+            }
+        },
+        "/ws": {
+            "get": {
+                "summary": "WebSocket: one connection, many topics (see /docs for the messages)",
+                "responses": {"101": {"description": "switching protocols"}, "400": error, "426": error, "503": error},
+            }
+        },
+        "/ws/sub/{topic}": {
+            "get": {
+                "summary": "WebSocket bound to one topic",
+                "parameters": [{"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"101": {"description": "switching protocols"}, "400": error, "426": error, "503": error},
+            }
+        },
+    }
+    if config.demo:
+        paths["/demo/publish/{topic}"] = {
+            "get": {
+                "summary": "Publish the query parameters as a message from user 'demo'",
+                "parameters": [
+                    {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "params", "in": "query", "style": "form", "explode": True, "schema": {"type": "object", "additionalProperties": {"type": "string"}}},
+                ],
+                "responses": {"200": json_ok("#/components/schemas/DemoPublishResponse", "published"), "400": error},
+            }
+        }
+    if config.echo:
+        paths["/echo"] = {"get": {"summary": "WebSocket echo, for conformance testing", "responses": {"101": {"description": "switching protocols"}, "426": error}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Stats": {
+                    "type": "object",
+                    "required": ["connections", "topics", "subscriptions"],
+                    "properties": {k: {"type": "integer"} for k in ("connections", "topics", "subscriptions", "published", "delivered", "duplicates")},
+                },
+                "PublishRequest": {
+                    "type": "object",
+                    "required": ["topic"],
+                    "properties": {"topic": {"type": "string", "maxLength": config.max_topic_length}, "messageId": {"type": "string", "maxLength": config.max_message_id_length}, "data": {}},
+                },
+                "PublishResponse": {
+                    "type": "object",
+                    "required": ["status", "messageId", "seqNo"],
+                    "properties": {"status": {"enum": ["ok", "duplicate"]}, "messageId": {"type": "string"}, "seqNo": {"type": "integer"}},
+                },
+                "DemoPublishResponse": {
+                    "type": "object",
+                    "required": ["ok", "topic", "messageId", "seqNo", "subscribers"],
+                    "properties": {"ok": {"const": True}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "seqNo": {"type": "integer"}, "subscribers": {"type": "integer"}},
+                },
+            },
+        },
+    }
+
+
+def openapi_html(doc: dict) -> str:
+    """A self-contained page listing the OpenAPI document's operations (no network loads)."""
+    rows = []
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            codes = ", ".join(op.get("responses", {}))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(op.get('summary', ''))}</td><td>{codes}</td></tr>"
+            )
+    raw = html.escape(json.dumps(doc, indent=2))
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>microsocket API</title>'
+        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3rem;text-align:left}"
+        "pre{background:#f4f4f4;padding:1rem;overflow:auto}</style></head><body>"
+        f"<h1>{html.escape(doc['info']['title'])} HTTP API {html.escape(doc['info']['version'])}</h1>"
+        '<p>OpenAPI 3.1 document: <a href="/openapi.json">/openapi.json</a>. WebSocket messages: <a href="/docs">/docs</a>.</p>'
+        "<table><tr><th>method</th><th>path</th><th>what</th><th>responses</th></tr>" + "".join(rows) + "</table>"
+        f"<h2>Document</h2><pre>{raw}</pre></body></html>"
+    )
+
+
+# === 14. Server I/O (asyncio) =====================================================================
+#
+# The only section that uses asyncio. One `ServerConnection` per TCP connection, an
+# asyncio.Protocol: no task and no await per connection or per message. It starts in HTTP mode and
+# switches to WebSocket mode after a 101. Outgoing frames collect in the client's outbox; at the end
+# of each event-loop turn `Server._flush` writes every dirty outbox with one transport.write, so a
+# burst of deliveries costs one syscall per connection, not one per message. A connection whose
+# unsent data (outbox + transport buffer) passes `max_buffer` is a slow consumer: closed with 4001,
+# without holding anyone else back.
+
+
+class ServerConnection(Client, asyncio.Protocol):
+    __slots__ = ("server", "transport", "reader", "ws", "closing_handle", "lost")
+
+    def __init__(self, server: Server) -> None:
+        Client.__init__(self, server.broker)
+        self.server = server
+        self.transport: Any = None
+        self.reader: RequestReader | None = RequestReader(server.config.max_head_size, server.config.max_body_size)
+        self.ws: WebSocketConnection | None = None
+        self.closing_handle: asyncio.TimerHandle | None = None
+        self.lost = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        if self.closing_handle is not None:
+            self.closing_handle.cancel()
+        if self.ws is not None and self.broker is not None:
+            self.broker.disconnect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._websocket_data(data)
+        elif self.reader is not None:
+            self._http_data(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: a half-closed peer gets no more answers
+
+    # -- HTTP mode
+
+    def _http_data(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        while self.reader is not None and not self.lost:
+            try:
+                request = reader.next_request()
+            except HTTPError as exc:
+                self._respond(error_response(exc), keep_alive=False, head=False)
+                return
+            if request is None:
+                return
+            result = self.server.app.handle(request)
+            if isinstance(result, Upgrade):
+                self._upgrade(result, bytes(reader.buffer))
+                return
+            self._respond(result, request.keep_alive, request.method == "HEAD")
+
+    def _respond(self, response: Response, keep_alive: bool, head: bool) -> None:
+        self.transport.write(response.serialize(keep_alive, head))
+        if not keep_alive:
+            self.reader = None
+            self.transport.close()
+
+    def _upgrade(self, upgrade: Upgrade, rest: bytes) -> None:
+        self.reader = None
+        self.transport.write(upgrade.response)
+        self.ws = WebSocketConnection(self.server.config.max_message_size)
+        self.bound_topic = upgrade.topic
+        self.is_echo = upgrade.kind == "echo"
+        self.broker.connect(self)
+        if rest:
+            self._websocket_data(rest)
+
+    # -- WebSocket mode
+
+    def _websocket_data(self, data: bytes) -> None:
+        ws = self.ws
+        messages = ws.receive_data(data)
+        broker = self.broker
+        if messages and broker is not None:
+            if self.is_echo:
+                for opcode, payload in messages:
+                    self.send(serialize_frame(opcode, payload.encode() if opcode == Opcode.TEXT else payload))
+            else:
+                for opcode, payload in messages:
+                    if opcode == Opcode.TEXT:
+                        broker.handle(self, payload)
+                    else:
+                        broker.handle_binary(self)
+        control = ws.data_to_send()
+        if control:
+            if ws.state == OPEN:
+                self.send(control)
+            else:
+                self._finish(control)
+
+    def close_websocket(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake from the server side (1001, 4001, ...)."""
+        ws = self.ws
+        if ws is None or self.lost or ws.state != OPEN:
+            return
+        ws.close(code, reason)
+        self._finish(ws.data_to_send())
+
+    def _finish(self, last: bytes) -> None:
+        """Write what is queued plus the final close frame(s); stop delivering to this client."""
+        transport = self.transport
+        if self.broker is not None:
+            pending = self.take_output() if self.out else b""
+            self.broker.disconnect(self)
+            transport.write(pending + last)
+        else:
+            transport.write(last)
+        if self.ws.state == CLOSED:
+            transport.close()  # §7.1.1: the server closes the TCP connection first
+        elif self.closing_handle is None:
+            self.closing_handle = self.server.loop.call_later(self.server.config.close_timeout, transport.abort)
+
+    def flush(self) -> None:
+        """Write the outbox in one call; close a slow consumer."""
+        if self.lost or self.broker is None or not self.out:
+            return
+        transport = self.transport
+        transport.write(self.take_output())
+        if transport.get_write_buffer_size() > self.server.config.max_buffer:
+            log.info("closing a slow consumer: %d bytes unsent", transport.get_write_buffer_size())
+            self.server.slow_consumers += 1
+            self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit")
+
+
+class Server:
+    """The gateway: `await start()`, `publish(...)`, `await close()`; or `serve_forever()`."""
+
+    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or Config()
+        self.broker = Broker(self.config, self._schedule_flush, clock)
+        self.app = App(self.config, self.broker)
+        self.connections: set[ServerConnection] = set()
+        self.slow_consumers = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._flush_scheduled = False
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: ServerConnection(self), self.config.host, self.config.port, backlog=LISTEN_BACKLOG
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> PublishResult:
+        """Publish from Python code, with the same checks, seqNo and dedup as a client publish."""
+        try:
+            check_topic(topic, self.config.max_topic_length)
+            message_id = self.broker.check_message_id(message_id or f"py-{secrets.token_hex(8)}")
+        except ClientError as exc:
+            raise ValueError(exc.message) from None
+        return self.broker.publish(user_id, topic, message_id, data)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty = self.broker.dirty
+        self.broker.dirty = []
+        for conn in dirty:
+            conn.flush()
+
+    async def close(self, code: int = CloseCode.GOING_AWAY, grace: float = 5.0) -> None:
+        """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._flush()
+        for conn in list(self.connections):
+            if conn.ws is not None:
+                conn.close_websocket(code, "server shutting down")
+            else:
+                conn.transport.close()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        await asyncio.sleep(0)
+        self._server = None
+
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Start, print the URLs, serve until `stop` is set, then close."""
+        await self.start()
+        print(f"microsocket {__version__} listening on {self.url}", flush=True)
+        print(f"  docs and console  {self.url}/docs", flush=True)
+        print(f"  WebSocket         {self.url.replace('http', 'ws', 1)}/ws", flush=True)
+        stop = stop or asyncio.Event()
+        await stop.wait()
+        log.info("shutting down")
+        await self.close()
+
+
+# === 15. Command line =============================================================================
+#
+# One frozen Config, built from the command line in main() and passed down. Every option can also
+# come from a MICROSOCKET_* environment variable (used as the argparse default).
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_message_size: int = MAX_MESSAGE_SIZE
+    max_head_size: int = MAX_HEAD_SIZE
+    max_body_size: int = MAX_BODY_SIZE
+    max_subscriptions: int = MAX_SUBSCRIPTIONS
+    max_topic_length: int = MAX_TOPIC_LENGTH
+    max_message_id_length: int = MAX_MESSAGE_ID_LENGTH
+    max_connections: int = MAX_CONNECTIONS
+    max_buffer: int = MAX_BUFFER
+    dedup_window: float = DEDUP_WINDOW
+    dedup_per_user: int = DEDUP_PER_USER
+    dedup_total: int = DEDUP_TOTAL
+    history_messages: int = HISTORY_MESSAGES
+    history_age: float = HISTORY_AGE
+    history_bytes: int = HISTORY_BYTES
+    close_timeout: float = CLOSE_TIMEOUT
+    echo: bool = False
+    demo: bool = True
+
+
+# (flag, Config field, type, help); the default comes from Config or the environment.
+_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "TCP port, 0 for any free port"),
+    ("--max-message-size", "max_message_size", int, "largest WebSocket message in bytes, across fragments; over it: close 1009"),
+    ("--max-head-size", "max_head_size", int, "largest HTTP request line + headers in bytes; over it: HTTP 431"),
+    ("--max-body-size", "max_body_size", int, "largest HTTP request body in bytes; over it: HTTP 413"),
+    ("--max-subscriptions", "max_subscriptions", int, "topics per connection; over it: TOO_MANY_SUBSCRIPTIONS"),
+    ("--max-topic-length", "max_topic_length", int, "characters in a topic; over it: INVALID_TOPIC"),
+    ("--max-message-id-length", "max_message_id_length", int, "characters in a messageId; over it: INVALID_MESSAGE"),
+    ("--max-connections", "max_connections", int, "open WebSocket connections; over it: HTTP 503"),
+    ("--max-buffer", "max_buffer", int, "unsent bytes per connection; over it: close 4001 (slow consumer)"),
+    ("--dedup-window", "dedup_window", float, "seconds a messageId is remembered per user"),
+    ("--dedup-per-user", "dedup_per_user", int, "messageIds remembered per user (oldest forgotten first)"),
+    ("--dedup-total", "dedup_total", int, "messageIds remembered in all (oldest forgotten first)"),
+    ("--history-messages", "history_messages", int, "messages kept per topic for replay (0 turns history off)"),
+    ("--history-age", "history_age", float, "seconds a message is kept for replay"),
+    ("--history-bytes", "history_bytes", int, "bytes of messages kept for replay across all topics"),
+    ("--close-timeout", "close_timeout", float, "seconds to wait for the peer's close frame"),
+]
+
+
+def _env(name: str) -> str:
+    return "MICROSOCKET_" + name.upper()
+
+
+def _env_flag(field: str, default: bool) -> bool:
+    value = os.environ.get(_env(field))
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microsocket.py",
+        description="Micro Socket pub/sub gateway over WebSocket (RFC 6455), standard library only. "
+        "Every option can also be set with the environment variable shown, e.g. MICROSOCKET_PORT=8080.",
+    )
+    defaults = Config()
+    for flag, field, kind, text in _OPTIONS:
+        default = os.environ.get(_env(field), getattr(defaults, field))
+        parser.add_argument(flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{text} [{_env(field)}] (default: %(default)s)")
+    parser.add_argument("--echo", action="store_true", default=_env_flag("echo", False), help="serve ws://.../echo, which echoes every message, for Autobahn|Testsuite [MICROSOCKET_ECHO] (default: %(default)s)")
+    parser.add_argument("--no-demo", dest="demo", action="store_false", default=_env_flag("demo", True), help="turn off GET /demo/publish/{topic} [MICROSOCKET_DEMO=0] (default: demo on)")
+    parser.add_argument("--log-level", default=os.environ.get("MICROSOCKET_LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, help="log verbosity [MICROSOCKET_LOG_LEVEL] (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"microsocket {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    for name, value in dataclasses.asdict(config).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            print(f"microsocket.py: error: {name.replace('_', '-')} must not be negative", file=sys.stderr)
+            return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Server(config).serve_forever(stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"microsocket.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
