@@ -571,12 +571,15 @@ def handshake_response(key: str) -> bytes:
 # === 6. WebSocket connection (sans-I/O) ===========================================================
 #
 # Theory of operation. `receive_data(bytes)` takes whatever the network delivered and returns the
-# complete messages in it, as (Opcode.TEXT, str) or (Opcode.BINARY, bytes). Control frames are
-# handled here: a ping queues a pong with the same payload, a close queues the closing reply.
-# `data_to_send()` hands over the bytes to write. The state only moves forward:
+# events in it, in order: (Opcode.TEXT, str) and (Opcode.BINARY, bytes) for complete messages, and
+# (Opcode.PONG, frame) for a pong frame that answers a ping and must be written in its place among
+# the replies to the messages around it. A close is handled here: `data_to_send()` hands over the
+# close frame to write. The state only moves forward:
 #
 #     OPEN ──close received──> CLOSED (reply queued; the server then closes TCP, §7.1.1)
-#     OPEN ──close() or a protocol error──> CLOSING (close sent) ──close received──> CLOSED
+#     OPEN ──close()──> CLOSING (close sent) ──close received──> CLOSED
+#     OPEN ──protocol error──> CLOSED (close frame with the error's code queued; "_Fail the
+#                                      WebSocket Connection_", §7.1.7: the TCP connection goes too)
 #
 # Data frames are processed as their bytes arrive, not when the frame is complete: a text frame's
 # payload goes through an incremental UTF-8 decoder chunk by chunk, so invalid text fails (1007)
@@ -634,12 +637,10 @@ class WebSocketConnection:
         try:
             self._parse(messages)
         except ProtocolError as exc:
-            if self.state == OPEN:
-                self.close(exc.code, exc.reason)
-            else:
-                self.state = CLOSED  # garbage while waiting for the peer's close: give up on it
+            self.close(exc.code, exc.reason)
+            self.state = CLOSED  # §7.1.7: after a failure nothing more is read
             self._buffer = b""
-            self._parts = []
+            self._end_message()
         return messages
 
     def _parse(self, messages: list[tuple[int, Any]]) -> None:
@@ -661,7 +662,7 @@ class WebSocketConnection:
                         break  # control frames are at most 125 bytes: wait for the whole frame
                     start = pos + header.size
                     pos = start + header.length
-                    self._control(header.opcode, apply_mask(buf[start:pos], header.mask))
+                    self._control(header.opcode, apply_mask(buf[start:pos], header.mask), messages)
                     continue
                 self._start_frame(header)
                 pos += header.size
@@ -738,12 +739,12 @@ class WebSocketConnection:
         self._decoder = None
         self._size = 0
 
-    def _control(self, opcode: int, payload: bytes) -> None:
+    def _control(self, opcode: int, payload: bytes, messages: list[tuple[int, Any]]) -> None:
         if opcode == Opcode.PING:
             if self.state == OPEN:
                 # §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
                 # response... [with] identical "Application data"".
-                self._out.append(serialize_frame(Opcode.PONG, payload))
+                messages.append((Opcode.PONG, serialize_frame(Opcode.PONG, payload)))
         elif opcode == Opcode.CLOSE:
             code, reason = parse_close(payload)
             self.close_code, self.close_reason = code, reason
@@ -764,7 +765,7 @@ class WebSocketConnection:
             self._end_message()
 
     def data_to_send(self) -> bytes:
-        """The bytes queued by the state machine (pongs and close frames), once."""
+        """The close frame queued by the state machine, once."""
         if not self._out:
             return b""
         data = b"".join(self._out)
@@ -1756,24 +1757,24 @@ class ServerConnection(Client, asyncio.Protocol):
 
     def _websocket_data(self, data: bytes) -> None:
         ws = self.ws
-        messages = ws.receive_data(data)
+        events = ws.receive_data(data)
         broker = self.broker
-        if messages and broker is not None:
-            if self.is_echo:
-                for opcode, payload in messages:
-                    self.send(serialize_frame(opcode, payload.encode() if opcode == Opcode.TEXT else payload))
-            else:
-                for opcode, payload in messages:
-                    if opcode == Opcode.TEXT:
-                        broker.handle(self, payload)
+        if events and broker is not None:
+            echo = self.is_echo
+            for opcode, payload in events:
+                if opcode == Opcode.TEXT:
+                    if echo:
+                        self.send(serialize_frame(opcode, payload.encode()))
                     else:
-                        broker.handle_binary(self)
-        control = ws.data_to_send()
-        if control:
-            if ws.state == OPEN:
-                self.send(control)
-            else:
-                self._finish(control)
+                        broker.handle(self, payload)
+                elif opcode == Opcode.PONG:
+                    self.send(payload)  # the answer to a ping, in its place
+                elif echo:
+                    self.send(serialize_frame(opcode, payload))
+                else:
+                    broker.handle_binary(self)
+        if ws.state != OPEN:
+            self._finish(ws.data_to_send())
 
     def close_websocket(self, code: int, reason: str = "") -> None:
         """Start the closing handshake from the server side (1001, 4001, ...)."""
@@ -1784,13 +1785,12 @@ class ServerConnection(Client, asyncio.Protocol):
         self._finish(ws.data_to_send())
 
     def _finish(self, last: bytes) -> None:
-        """Write what is queued plus the final close frame(s); stop delivering to this client."""
+        """Write what is queued and the close frame; stop delivering to this client."""
         transport = self.transport
         if self.broker is not None:
-            pending = self.take_output() if self.out else b""
+            last = (self.take_output() if self.out else b"") + last
             self.broker.disconnect(self)
-            transport.write(pending + last)
-        else:
+        if last:
             transport.write(last)
         if self.ws.state == CLOSED:
             transport.close()  # §7.1.1: the server closes the TCP connection first
