@@ -1798,15 +1798,23 @@ class ServerConnection(Client, asyncio.Protocol):
             self.closing_handle = self.server.loop.call_later(self.server.config.close_timeout, transport.abort)
 
     def flush(self) -> None:
-        """Write the outbox in one call; close a slow consumer."""
+        """Write the outbox in one call, or close a slow consumer.
+
+        A consumer is slow when what it has not yet taken from earlier writes is over the limit
+        when more is to be written. Measured before the write, so one message larger than the
+        limit (a 16 MiB echo, a long replay) is not mistaken for a reader that stopped.
+        """
         if self.lost or self.broker is None or not self.out:
             return
         transport = self.transport
-        transport.write(self.take_output())
-        if transport.get_write_buffer_size() > self.server.config.max_buffer:
-            log.info("closing a slow consumer: %d bytes unsent", transport.get_write_buffer_size())
+        unsent = transport.get_write_buffer_size()
+        if unsent > self.server.config.max_buffer:
+            log.info("closing a slow consumer: %d bytes unsent", unsent)
             self.server.slow_consumers += 1
+            self.take_output()  # not sent: the client resumes from history after 4001
             self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit")
+            return
+        transport.write(self.take_output())
 
 
 class Server:
