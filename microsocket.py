@@ -62,6 +62,7 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import sys
 import time
 import urllib.parse
@@ -113,6 +114,15 @@ HISTORY_MESSAGES = 1000  # retained messages per topic, for replay
 HISTORY_AGE = 300.0  # seconds a message stays in history
 HISTORY_BYTES = 64 << 20  # retained message bytes across all topics
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame before dropping TCP
+HANDSHAKE_TIMEOUT = 10.0  # seconds to send a complete request head (slowloris), or idle keep-alive
+SETUP_TIMEOUT = 10.0  # seconds from the 101 to a successful setup (close 4000)
+PING_INTERVAL = 20.0  # seconds of silence before the server pings (0 turns keepalive off)
+PING_TIMEOUT = 20.0  # seconds to answer that ping with anything at all (close 1011)
+SESSION_TTL = 120.0  # seconds a session outlives its connection, for resume
+MAX_SESSIONS = 100_000  # detached sessions kept; the oldest is dropped first
+PUBLISH_RATE = 1000.0  # publishes per second per connection, token bucket (RATE_LIMITED); 0 = no limit
+PUBLISH_BURST = 2000  # the bucket's size: a burst allowed on top of the rate
+SHUTDOWN_GRACE = 5.0  # seconds for closing handshakes on SIGINT/SIGTERM before connections are dropped
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds connect at once
 
 # RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
@@ -600,6 +610,7 @@ class WebSocketConnection:
         "max_message_size",
         "close_code",
         "close_reason",
+        "close_sent",
         "_buffer",
         "_header",
         "_remaining",
@@ -616,6 +627,7 @@ class WebSocketConnection:
         self.max_message_size = max_message_size
         self.close_code: int | None = None  # the code received from the peer, once it has closed
         self.close_reason = ""
+        self.close_sent: int | None = None  # the code of the close frame we started the handshake with
         self._buffer = b""  # unparsed input
         self._header: FrameHeader | None = None  # the data frame whose payload is arriving
         self._remaining = 0  # payload bytes of that frame still to come
@@ -761,6 +773,7 @@ class WebSocketConnection:
         """Start the closing handshake (§7.1.2); only the peer's close frame completes it."""
         if self.state == OPEN:
             self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code, reason)))
+            self.close_sent = code
             self.state = CLOSING
             self._end_message()
 
@@ -1065,14 +1078,22 @@ class History:
         entries = self._topics.get(topic)
         return entries[0][0] if entries else None
 
-    def since(self, topic: str, from_seq: int) -> list[bytes]:
-        """The frames of seqNo >= from_seq, in order (all retained seqNos are consecutive)."""
+    def time_of(self, topic: str, seq: int) -> float | None:
+        """When message `seq` of `topic` was published, if it is still retained."""
+        entries = self._topics.get(topic)
+        if not entries or not entries[0][0] <= seq <= entries[-1][0]:
+            return None
+        return entries[seq - entries[0][0]][1]
+
+    def between(self, topic: str, first: int, last: int | None = None) -> list[bytes]:
+        """The retained frames with first <= seqNo <= last (to the newest when last is None), in
+        order. Retained seqNos of a topic are consecutive, so this is a slice."""
         entries = self._topics.get(topic)
         if not entries:
             return []
-        first = entries[0][0]
-        start = max(0, from_seq - first)
-        return [frame for _, _, frame in itertools.islice(entries, start, None)]
+        oldest = entries[0][0]
+        stop = None if last is None else max(0, last - oldest + 1)
+        return [frame for _, _, frame in itertools.islice(entries, max(0, first - oldest), stop)]
 
 
 # === 11. Auth =====================================================================================
@@ -1093,12 +1114,14 @@ def authenticate(token: Any) -> str:
 
 # === 12. Broker ===================================================================================
 #
-# The application core: it holds the topic store, the seqNo counters, dedup, history and the
-# counters behind /stats, and it never awaits or touches a socket. A `Client` is the broker's view
-# of one connection: who it is, what it subscribed to, and an outbox of frames. Output is written
-# into outboxes; a client whose outbox goes from empty to non-empty is put on the `dirty` list, and
-# `wake()` tells the I/O layer (once per batch) that there is something to flush. A broadcast
-# encodes its JSON once, frames it once, and appends the same bytes to every subscriber's outbox.
+# The application core: it holds the topic store, the seqNo counters, dedup, history, sessions and
+# the counters behind /stats and /metrics, and it never awaits or touches a socket. A `Client` is
+# the broker's view of one connection: who it is, what it subscribed to, and an outbox of frames.
+# Output is written into outboxes; a client whose outbox goes from empty to non-empty is put on the
+# `dirty` list, and `wake()` tells the I/O layer (once per batch) that there is something to flush.
+# A broadcast encodes its JSON once, frames it once, and appends the same bytes to every
+# subscriber's outbox. Because nothing here awaits, a `resume` replays and re-subscribes in one
+# step: no publish can fall between the replay and live delivery, so none is lost or doubled.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1109,20 +1132,95 @@ class PublishResult:
     subscribers: int  # connections it was delivered to (0 for a duplicate)
 
 
+class Histogram:
+    """Latency histogram with fixed buckets (bounded memory); percentiles by interpolation."""
+
+    BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last bucket is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float, n: int = 1) -> None:
+        i = 0
+        bounds = self.BOUNDS
+        while i < len(bounds) and seconds > bounds[i]:
+            i += 1
+        self.counts[i] += n
+        self.sum += seconds * n
+        self.count += n
+
+    def percentile(self, q: float) -> float | None:
+        """The q-quantile (0..1) in seconds, interpolated inside its bucket; None when empty."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= rank:
+                low = self.BOUNDS[i - 1] if i else 0.0
+                high = self.BOUNDS[i] if i < len(self.BOUNDS) else self.BOUNDS[-1]
+                return low + (high - low) * max(0.0, rank - seen) / n
+            seen += n
+        return self.BOUNDS[-1]
+
+    def summary(self) -> dict:
+        ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+        return {"count": self.count, "p50_ms": ms(self.percentile(0.5)), "p95_ms": ms(self.percentile(0.95)), "p99_ms": ms(self.percentile(0.99))}
+
+
+class Session:
+    """What outlives a connection for the session TTL: its user, topics and positions."""
+
+    __slots__ = ("id", "user_id", "client", "positions", "detached_at")
+
+    def __init__(self, session_id: str, user_id: str, client: Client) -> None:
+        self.id = session_id
+        self.user_id = user_id
+        self.client: Client | None = client  # None while detached
+        # topic -> [seqNo when subscribed, last acknowledged seqNo (0: none), seqNo when the
+        # connection went away (None while attached, or when its buffer was not trusted)]
+        self.positions: dict[str, list] = {}
+        self.detached_at = 0.0
+
+    def position(self, topic: str) -> int:
+        """The last seqNo this session is known to have: acknowledged, else handed, else subscribed."""
+        start, acked, handed = self.positions[topic]
+        if acked:
+            return acked
+        return handed if handed is not None else start
+
+
 class Client:
     """One connection as the broker sees it. The I/O layer subclasses it."""
 
-    __slots__ = ("out", "out_bytes", "user_id", "session_id", "topics", "bound_topic", "is_echo", "broker")
+    __slots__ = (
+        "out",
+        "out_bytes",
+        "user_id",
+        "session",
+        "topics",
+        "bound_topic",
+        "is_echo",
+        "broker",
+        "close_request",
+        "rate_tokens",
+        "rate_time",
+    )
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
         self.out: list[bytes] = []  # frames waiting for the end of this event-loop turn
         self.out_bytes = 0
         self.user_id: str | None = None  # set by setup
-        self.session_id: str | None = None
+        self.session: Session | None = None
         self.topics: set[str] = set()
         self.bound_topic = bound_topic  # /ws/sub/{topic}: the only topic it may (un)subscribe
         self.is_echo = False
-        self.broker = broker
+        self.broker: Broker | None = broker  # None once disconnected
+        self.close_request: int | None = None  # a close code the broker asks the I/O layer to send
+        self.rate_tokens = float(broker.config.publish_burst)
+        self.rate_time = 0.0
 
     def send(self, frame: bytes) -> None:
         """Queue one frame; it is written at the end of the event-loop turn."""
@@ -1152,12 +1250,19 @@ class Broker:
         self.seq: dict[str, int] = {}
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.history = History(config.history_messages, config.history_age, config.history_bytes, clock)
+        self.sessions: dict[str, Session] = {}
+        self._detached: collections.OrderedDict = collections.OrderedDict()  # sessionId -> None, by detach time
         self.dirty: list[Client] = []
         self.connections = 0
         self.published = 0
         self.delivered = 0
+        self.replayed = 0
         self.duplicates = 0
         self.errors: collections.Counter = collections.Counter()
+        self.disconnects: collections.Counter = collections.Counter()  # by close code, set by the I/O layer
+        self.delivery_latency = Histogram()  # publish -> written to the socket, per delivery
+        self.ack_latency = Histogram()  # publish -> client ack, per acknowledged message
+        self._unflushed: list[tuple[float, int]] = []  # (publish time, deliveries) since the last flush
         self._handlers: dict[str, Callable[[Client, dict], None]] = {
             "setup": self._setup,
             "subscribe": self._subscribe,
@@ -1171,24 +1276,64 @@ class Broker:
             "ping": self._ping,
         }
 
-    # -- connections
+    # -- connections and sessions
 
     def connect(self, client: Client) -> None:
         self.connections += 1
 
-    def disconnect(self, client: Client) -> None:
-        """Forget a connection: O(its topics). Safe to call twice."""
+    def disconnect(self, client: Client, reliable: bool = True) -> None:
+        """Forget a connection, O(its topics); its session stays resumable for the TTL.
+
+        `reliable` False means the connection's unsent data was abandoned (slow consumer), so
+        "the last seqNo handed to it" is not known and resume falls back to acked or subscribed.
+        """
         if client.broker is None:
             return
+        session = client.session
+        if session is not None and session.client is client:
+            now = self.clock()
+            for topic, position in session.positions.items():
+                position[2] = self.seq.get(topic, 0) if reliable else None
+            session.client = None
+            session.detached_at = now
+            self._detached[session.id] = None
+            self.expire_sessions(now)
+            while len(self._detached) > self.config.max_sessions:
+                self._drop_session(next(iter(self._detached)))
         self.topics.remove_client(client)
         client.broker = None
         client.out.clear()
         self.connections -= 1
 
+    def expire_sessions(self, now: float | None = None) -> None:
+        """Drop detached sessions older than the TTL (oldest first)."""
+        horizon = (self.clock() if now is None else now) - self.config.session_ttl
+        detached = self._detached
+        while detached:
+            session_id = next(iter(detached))
+            if self.sessions[session_id].detached_at > horizon:
+                break
+            self._drop_session(session_id)
+
+    def _drop_session(self, session_id: str) -> None:
+        self._detached.pop(session_id, None)
+        self.sessions.pop(session_id, None)
+
     def mark_dirty(self, client: Client) -> None:
         if not self.dirty:
             self.wake()
         self.dirty.append(client)
+
+    def request_close(self, client: Client, code: int) -> None:
+        """Ask the I/O layer to close `client` with `code` at the next flush."""
+        client.close_request = code
+        self.mark_dirty(client)
+
+    def flushed(self, now: float) -> None:
+        """The I/O layer wrote every outbox: record publish -> socket latency for what it held."""
+        for published_at, n in self._unflushed:
+            self.delivery_latency.observe(now - published_at, n)
+        self._unflushed.clear()
 
     # -- messages from clients
 
@@ -1242,11 +1387,17 @@ class Broker:
             )
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
-        client.session_id = secrets.token_urlsafe(16)  # 128 random bits
-        self._reply(client, msg, {"type": "ready", "sessionId": client.session_id, "userId": user_id, "epoch": self.epoch})
+        session = client.session = Session(secrets.token_urlsafe(16), user_id, client)  # 128 random bits
+        self.sessions[session.id] = session
+        self._reply(client, msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.epoch})
         for topic in topics:
-            self.topics.subscribe(client, topic)
+            self._attach(client, topic)
             self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
+
+    def _attach(self, client: Client, topic: str) -> None:
+        """Subscribe and start tracking the topic's position in the client's session."""
+        if self.topics.subscribe(client, topic):
+            client.session.positions.setdefault(topic, [self.seq.get(topic, 0), 0, None])
 
     def _topic_of(self, client: Client, msg: dict, locked: bool) -> str:
         topic = check_topic(msg.get("topic") if "topic" in msg else None, self.config.max_topic_length)
@@ -1260,17 +1411,32 @@ class Broker:
             raise ClientError(
                 "TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", topic=topic
             )
-        self.topics.subscribe(client, topic)
+        self._attach(client, topic)
         self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
 
     def _unsubscribe(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
-        self.topics.unsubscribe(client, topic)
+        if self.topics.unsubscribe(client, topic):
+            client.session.positions.pop(topic, None)
         self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
 
     def _publish(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         message_id = self.check_message_id(msg.get("messageId"), topic)
+        rate = self.config.publish_rate
+        if rate:
+            # Token bucket: refilled at `rate` per second up to `publish_burst`. A refused publish
+            # is not processed at all (not remembered by dedup), so the same messageId may retry.
+            now = self.clock()
+            tokens = min(float(self.config.publish_burst), client.rate_tokens + (now - client.rate_time) * rate)
+            client.rate_time = now
+            if tokens < 1.0:
+                client.rate_tokens = tokens
+                raise ClientError(
+                    "RATE_LIMITED", f"over {rate:g} publishes per second: retry with the same messageId",
+                    topic=topic, messageId=message_id,
+                )
+            client.rate_tokens = tokens - 1.0
         result = self.publish(client.user_id, topic, message_id, msg.get("payload"))
         self._reply(client, msg, {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no})
 
@@ -1303,22 +1469,88 @@ class Broker:
             raise ClientError(
                 "REPLAY_UNAVAILABLE", f"history no longer holds seqNo {from_seq}", topic=topic, oldestSeq=oldest or last + 1
             )
-        for frame in self.history.since(topic, from_seq):
+        frames = self.history.between(topic, from_seq)
+        for frame in frames:
             client.send(frame)
+        self.replayed += len(frames)
         self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
 
     def _resume(self, client: Client, msg: dict) -> None:
-        require(msg, "sessionId", str, "a string")
-        # Sessions do not outlive their connection in this version: no session can be resumed.
-        raise ClientError("SESSION_EXPIRED", "unknown or expired session", field="sessionId")
+        session_id = require(msg, "sessionId", str, "a string")
+        given = msg.get("lastSeqPerTopic")
+        if given is None:
+            given = {}
+        elif not isinstance(given, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in given.values()
+        ):
+            raise ClientError("INVALID_MESSAGE", "'lastSeqPerTopic' must map topics to integers >= 0", field="lastSeqPerTopic")
+        for topic in given:
+            check_topic(topic, self.config.max_topic_length, "lastSeqPerTopic")
+        self.expire_sessions()
+        session = self.sessions.get(session_id)
+        epoch = msg.get("epoch")
+        if session is None or session.user_id != client.user_id or (epoch is not None and epoch != self.epoch):
+            raise ClientError("SESSION_EXPIRED", "unknown or expired session, another user's, or another epoch", field="sessionId")
+        own = client.session
+        topics = dict.fromkeys(list(session.positions) + list(given) + list(client.topics))
+        if client.bound_topic is not None and any(t != client.bound_topic for t in topics):
+            raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", field="sessionId")
+        if len(topics) > self.config.max_subscriptions:
+            raise ClientError("TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", field="sessionId")
+        # Checked in full; from here on nothing can fail. Take the session over from a live connection.
+        other = session.client
+        if other is not None and other is not client:
+            self.disconnect(other)
+            self.request_close(other, CloseCode.SESSION_TAKEN_OVER)
+        self.history.expire()
+        replayed = 0
+        missed = []
+        positions: dict[str, list] = {}
+        for topic in topics:
+            last = self.seq.get(topic, 0)
+            if topic in given:
+                after = given[topic]
+            elif topic in session.positions:
+                after = session.position(topic)
+            else:
+                after = own.positions[topic][0]  # subscribed on this connection, not in the session
+            # A topic this connection already receives live: replay only what came before that.
+            upto = own.positions[topic][0] if topic in client.topics and own is not session else last
+            acked = session.positions[topic][1] if topic in session.positions else 0
+            positions[topic] = [upto, acked, None]
+            if after < upto:
+                oldest = self.history.oldest(topic)
+                if oldest is None or after + 1 < oldest:
+                    missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest if oldest is not None else last + 1})
+                for frame in self.history.between(topic, after + 1, upto):
+                    client.send(frame)
+                    replayed += 1
+            self.topics.subscribe(client, topic)
+        self.replayed += replayed
+        if own is not session:
+            self.sessions.pop(own.id, None)
+        session.positions = positions
+        session.client = client
+        client.session = session
+        self._detached.pop(session.id, None)
+        self._reply(
+            client, msg, {"type": "resumed", "sessionId": session.id, "topics": list(topics), "replayed": replayed, "missed": missed}
+        )
 
     def _ack(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
+        seq_no = None
         if "seqNo" in msg or "messageId" not in msg:
-            require(msg, "seqNo", int, "an integer")
+            seq_no = require(msg, "seqNo", int, "an integer")
         if "messageId" in msg:
             self.check_message_id(msg["messageId"], topic)
-        # Accepted; positions are recorded per session once sessions outlive connections.
+        position = client.session.positions.get(topic)
+        if seq_no is None or position is None or not position[1] < seq_no <= self.seq.get(topic, 0):
+            return  # nothing new to record: an old, repeated or not-yet-published position
+        position[1] = seq_no
+        published_at = self.history.time_of(topic, seq_no)
+        if published_at is not None:
+            self.ack_latency.observe(self.clock() - published_at)
 
     def _refresh(self, client: Client, msg: dict) -> None:
         user_id = authenticate(msg.get("token"))
@@ -1363,6 +1595,7 @@ class Broker:
             c.out_bytes += size
         n = len(subs)
         self.delivered += n
+        self._unflushed.append((self.clock(), n))
         return PublishResult("ok", message_id, seq, n)
 
     def stats(self) -> dict:
@@ -1372,12 +1605,52 @@ class Broker:
             "subscriptions": self.topics.count,
             "published": self.published,
             "delivered": self.delivered,
+            "replayed": self.replayed,
             "duplicates": self.duplicates,
+            "sessions": len(self.sessions),
             "epoch": self.epoch,
             "history": {"messages": self.history.count, "bytes": self.history.bytes},
             "dedup": {"entries": len(self.dedup)},
+            "latency": {"delivery": self.delivery_latency.summary(), "ack": self.ack_latency.summary()},
             "errors": dict(self.errors),
+            "disconnects": {str(k): v for k, v in sorted(self.disconnects.items())},
         }
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, text: str, samples: Iterable[tuple[str, Any]]) -> None:
+            lines.append(f"# HELP microsocket_{name} {text}")
+            lines.append(f"# TYPE microsocket_{name} {kind}")
+            lines.extend(f"microsocket_{name}{labels} {value}" for labels, value in samples)
+
+        metric("connections", "gauge", "Open WebSocket connections.", [("", self.connections)])
+        metric("topics", "gauge", "Topics with at least one subscriber.", [("", len(self.topics.subscribers))])
+        metric("subscriptions", "gauge", "(topic, connection) pairs.", [("", self.topics.count)])
+        metric("sessions", "gauge", "Sessions, attached or resumable.", [("", len(self.sessions))])
+        metric("history_messages", "gauge", "Messages retained for replay.", [("", self.history.count)])
+        metric("published_total", "counter", "Messages accepted and sequenced.", [("", self.published)])
+        metric("delivered_total", "counter", "Messages queued to subscribers live.", [("", self.delivered)])
+        metric("replayed_total", "counter", "Messages sent again by replay or resume.", [("", self.replayed)])
+        metric("duplicates_total", "counter", "Publishes answered as duplicates.", [("", self.duplicates)])
+        metric("errors_total", "counter", "Error replies by code.", [(f'{{code="{c}"}}', n) for c, n in sorted(self.errors.items())])
+        metric(
+            "disconnects_total", "counter", "Closed WebSocket connections by close code (1006: no close frame).",
+            [(f'{{code="{c}"}}', n) for c, n in sorted(self.disconnects.items())],
+        )
+        for name, hist, text in (
+            ("delivery_latency_seconds", self.delivery_latency, "Publish to written-to-socket, per delivery."),
+            ("ack_latency_seconds", self.ack_latency, "Publish to client ack, per acknowledged message."),
+        ):
+            samples = []
+            cumulative = 0
+            for bound, n in zip(hist.BOUNDS + (None,), hist.counts):
+                cumulative += n
+                samples.append((f'_bucket{{le="{"+Inf" if bound is None else repr(bound)}"}}', cumulative))
+            samples += [("_sum", repr(hist.sum)), ("_count", hist.count)]
+            metric(name, "histogram", text, samples)
+        return "\n".join(lines) + "\n"
 
 
 # === 13. HTTP routes ==============================================================================
@@ -1423,6 +1696,7 @@ class App:
             (re.compile(r"/ws\Z"), get, self.websocket),
             (re.compile(r"/ws/sub/(?P<topic>.+)\Z"), get, self.websocket_sub),
             (re.compile(r"/stats\Z"), get, self.stats),
+            (re.compile(r"/metrics\Z"), get, self.metrics),
             (re.compile(r"/healthz\Z"), get, self.healthz),
             (re.compile(r"/openapi\.json\Z"), get, self.openapi_json),
             (re.compile(r"/openapi\Z"), get, self.openapi_page),
@@ -1479,6 +1753,9 @@ class App:
 
     def _check_upgrade(self, request: Request) -> str:
         key = check_handshake(request)
+        origin = request.header("origin")
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            raise HTTPError(403, f"origin {origin!r} is not allowed")
         if self.broker.connections >= self.config.max_connections:
             raise HTTPError(503, f"connection limit ({self.config.max_connections}) reached: try again later", [("Retry-After", "1")])
         return key
@@ -1496,6 +1773,9 @@ class App:
 
     def stats(self, request: Request) -> Response:
         return json_response(200, self.broker.stats(), [("Cache-Control", "no-store")])
+
+    def metrics(self, request: Request) -> Response:
+        return Response(200, self.broker.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8", [("Cache-Control", "no-store")])
 
     def openapi_json(self, request: Request) -> Response:
         return json_response(200, openapi_document(self.config))
@@ -1565,6 +1845,7 @@ def openapi_document(config: Config) -> dict:
         "/docs": {"get": {"summary": "Protocol reference and live console", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok", "content": {"text/plain": {"example": "ok"}}}}}},
         "/stats": {"get": {"summary": "Counters", "responses": {"200": json_ok("#/components/schemas/Stats", "current counters")}}},
+        "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
         "/openapi": {"get": {"summary": "This document as a page", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
         "/publish": {
@@ -1592,14 +1873,14 @@ def openapi_document(config: Config) -> dict:
         "/ws": {
             "get": {
                 "summary": "WebSocket: one connection, many topics (see /docs for the messages)",
-                "responses": {"101": {"description": "switching protocols"}, "400": error, "426": error, "503": error},
+                "responses": {"101": {"description": "switching protocols"}, "400": error, "403": error, "426": error, "503": error},
             }
         },
         "/ws/sub/{topic}": {
             "get": {
                 "summary": "WebSocket bound to one topic",
                 "parameters": [{"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"101": {"description": "switching protocols"}, "400": error, "426": error, "503": error},
+                "responses": {"101": {"description": "switching protocols"}, "400": error, "403": error, "426": error, "503": error},
             }
         },
     }
@@ -1678,13 +1959,21 @@ def openapi_html(doc: dict) -> str:
 # asyncio.Protocol: no task and no await per connection or per message. It starts in HTTP mode and
 # switches to WebSocket mode after a 101. Outgoing frames collect in the client's outbox; at the end
 # of each event-loop turn `Server._flush` writes every dirty outbox with one transport.write, so a
-# burst of deliveries costs one syscall per connection, not one per message. A connection whose
-# unsent data (outbox + transport buffer) passes `max_buffer` is a slow consumer: closed with 4001,
-# without holding anyone else back.
+# burst of deliveries costs one syscall per connection, not one per message. A connection that
+# still has more than `max_buffer` unsent when more is to be written is a slow consumer: closed
+# with 4001, without holding anyone else back.
+#
+# Timers: one tick a second walks the connections (no timer object per connection). It cuts an
+# HTTP connection whose request head is not complete within the handshake timeout (slowloris, and
+# idle keep-alive), closes with 4000 a WebSocket that has not sent `setup` within the setup timeout,
+# pings a connection that has been silent for the ping interval, and closes with 1011 one that then
+# stays silent for the ping timeout. Any bytes received count as a sign of life.
+
+TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout above
 
 
 class ServerConnection(Client, asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "ws", "closing_handle", "lost")
+    __slots__ = ("server", "transport", "reader", "ws", "closing_handle", "lost", "deadline", "active", "idle_since", "ping_sent")
 
     def __init__(self, server: Server) -> None:
         Client.__init__(self, server.broker)
@@ -1694,6 +1983,10 @@ class ServerConnection(Client, asyncio.Protocol):
         self.ws: WebSocketConnection | None = None
         self.closing_handle: asyncio.TimerHandle | None = None
         self.lost = False
+        self.deadline = server.loop.time() + server.config.handshake_timeout  # HTTP head, then setup
+        self.active = False  # bytes arrived since the last tick
+        self.idle_since = 0.0
+        self.ping_sent = 0.0  # when our keepalive ping went out; 0 when none is outstanding
 
     # -- asyncio callbacks
 
@@ -1706,10 +1999,15 @@ class ServerConnection(Client, asyncio.Protocol):
         self.server.connections.discard(self)
         if self.closing_handle is not None:
             self.closing_handle.cancel()
-        if self.ws is not None and self.broker is not None:
-            self.broker.disconnect(self)
+        ws = self.ws
+        if ws is not None:
+            if self.broker is not None:
+                self.broker.disconnect(self)
+            code = ws.close_sent if ws.close_sent is not None else ws.close_code
+            self.server.broker.disconnects[code if code is not None else CloseCode.ABNORMAL_CLOSURE] += 1
 
     def data_received(self, data: bytes) -> None:
+        self.active = True
         if self.ws is not None:
             self._websocket_data(data)
         elif self.reader is not None:
@@ -1735,6 +2033,7 @@ class ServerConnection(Client, asyncio.Protocol):
             if isinstance(result, Upgrade):
                 self._upgrade(result, bytes(reader.buffer))
                 return
+            self.deadline = self.server.loop.time() + self.server.config.handshake_timeout
             self._respond(result, request.keep_alive, request.method == "HEAD")
 
     def _respond(self, response: Response, keep_alive: bool, head: bool) -> None:
@@ -1749,6 +2048,7 @@ class ServerConnection(Client, asyncio.Protocol):
         self.ws = WebSocketConnection(self.server.config.max_message_size)
         self.bound_topic = upgrade.topic
         self.is_echo = upgrade.kind == "echo"
+        self.deadline = self.server.loop.time() + self.server.config.setup_timeout
         self.broker.connect(self)
         if rest:
             self._websocket_data(rest)
@@ -1776,11 +2076,13 @@ class ServerConnection(Client, asyncio.Protocol):
         if ws.state != OPEN:
             self._finish(ws.data_to_send())
 
-    def close_websocket(self, code: int, reason: str = "") -> None:
+    def close_websocket(self, code: int, reason: str = "", reliable: bool = True) -> None:
         """Start the closing handshake from the server side (1001, 4001, ...)."""
         ws = self.ws
         if ws is None or self.lost or ws.state != OPEN:
             return
+        if self.broker is not None and not reliable:
+            self.broker.disconnect(self, reliable=False)
         ws.close(code, reason)
         self._finish(ws.data_to_send())
 
@@ -1804,17 +2106,44 @@ class ServerConnection(Client, asyncio.Protocol):
         when more is to be written. Measured before the write, so one message larger than the
         limit (a 16 MiB echo, a long replay) is not mistaken for a reader that stopped.
         """
+        if self.close_request is not None:
+            code, self.close_request = self.close_request, None
+            self.close_websocket(code, "session taken over by another connection" if code == CloseCode.SESSION_TAKEN_OVER else "")
+            return
         if self.lost or self.broker is None or not self.out:
             return
         transport = self.transport
         unsent = transport.get_write_buffer_size()
         if unsent > self.server.config.max_buffer:
             log.info("closing a slow consumer: %d bytes unsent", unsent)
-            self.server.slow_consumers += 1
             self.take_output()  # not sent: the client resumes from history after 4001
-            self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit")
+            self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit", reliable=False)
             return
         transport.write(self.take_output())
+
+    def tick(self, now: float) -> None:
+        """Apply the timeouts (called once per TICK)."""
+        ws = self.ws
+        if ws is None:
+            if self.reader is not None and now > self.deadline:
+                self.reader = None
+                self.transport.close()  # request head not complete in time (or idle keep-alive)
+            return
+        if ws.state != OPEN or self.is_echo:
+            return
+        config = self.server.config
+        if self.user_id is None and now > self.deadline:
+            self.close_websocket(CloseCode.SETUP_TIMEOUT, f"no setup within {config.setup_timeout:g} s")
+        elif self.active:
+            self.active = False
+            self.idle_since = now
+            self.ping_sent = 0.0
+        elif self.ping_sent:
+            if now - self.ping_sent > config.ping_timeout:
+                self.close_websocket(CloseCode.INTERNAL_ERROR, "no pong in time")
+        elif config.ping_interval and now - self.idle_since >= config.ping_interval:
+            self.ping_sent = now
+            self.send(serialize_frame(Opcode.PING, b""))
 
 
 class Server:
@@ -1825,23 +2154,29 @@ class Server:
         self.broker = Broker(self.config, self._schedule_flush, clock)
         self.app = App(self.config, self.broker)
         self.connections: set[ServerConnection] = set()
-        self.slow_consumers = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
         self._flush_scheduled = False
+        self._ticker: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
-            lambda: ServerConnection(self), self.config.host, self.config.port, backlog=LISTEN_BACKLOG
+            lambda: ServerConnection(self),
+            self.config.host,
+            self.config.port,
+            backlog=LISTEN_BACKLOG,
+            ssl=tls_context(self.config),
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = self.loop.call_later(TICK, self._tick)
 
     @property
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> PublishResult:
         """Publish from Python code, with the same checks, seqNo and dedup as a client publish."""
@@ -1863,12 +2198,23 @@ class Server:
         self.broker.dirty = []
         for conn in dirty:
             conn.flush()
+        self.broker.flushed(self.broker.clock())
 
-    async def close(self, code: int = CloseCode.GOING_AWAY, grace: float = 5.0) -> None:
+    def _tick(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.tick(now)
+        self.broker.expire_sessions()
+        self.broker.history.expire()
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    async def close(self, code: int = CloseCode.GOING_AWAY, grace: float | None = None) -> None:
         """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""
         if self._server is None:
             return
+        grace = self.config.shutdown_grace if grace is None else grace
         self._server.close()
+        self._ticker.cancel()
         self._flush()
         for conn in list(self.connections):
             if conn.ws is not None:
@@ -1886,13 +2232,24 @@ class Server:
     async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
         """Start, print the URLs, serve until `stop` is set, then close."""
         await self.start()
+        ws_url = self.url.replace("http", "ws", 1)
         print(f"microsocket {__version__} listening on {self.url}", flush=True)
         print(f"  docs and console  {self.url}/docs", flush=True)
-        print(f"  WebSocket         {self.url.replace('http', 'ws', 1)}/ws", flush=True)
+        print(f"  WebSocket         {ws_url}/ws", flush=True)
         stop = stop or asyncio.Event()
         await stop.wait()
         log.info("shutting down")
         await self.close()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """A server TLS context from --certfile/--keyfile (I7), or None for plain TCP."""
+    if not config.certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.certfile, config.keyfile or None)
+    return context
 
 
 # === 15. Command line =============================================================================
@@ -1920,6 +2277,18 @@ class Config:
     history_age: float = HISTORY_AGE
     history_bytes: int = HISTORY_BYTES
     close_timeout: float = CLOSE_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    setup_timeout: float = SETUP_TIMEOUT
+    ping_interval: float = PING_INTERVAL
+    ping_timeout: float = PING_TIMEOUT
+    session_ttl: float = SESSION_TTL
+    max_sessions: int = MAX_SESSIONS
+    publish_rate: float = PUBLISH_RATE
+    publish_burst: int = PUBLISH_BURST
+    shutdown_grace: float = SHUTDOWN_GRACE
+    allowed_origins: tuple[str, ...] = ()
+    certfile: str = ""
+    keyfile: str = ""
     echo: bool = False
     demo: bool = True
 
@@ -1943,6 +2312,17 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--history-age", "history_age", float, "seconds a message is kept for replay"),
     ("--history-bytes", "history_bytes", int, "bytes of messages kept for replay across all topics"),
     ("--close-timeout", "close_timeout", float, "seconds to wait for the peer's close frame"),
+    ("--handshake-timeout", "handshake_timeout", float, "seconds to send a complete HTTP request head; past it: TCP closed"),
+    ("--setup-timeout", "setup_timeout", float, "seconds from connect to setup; past it: close 4000"),
+    ("--ping-interval", "ping_interval", float, "seconds of silence before a keepalive ping (0: no pings)"),
+    ("--ping-timeout", "ping_timeout", float, "seconds to answer a keepalive ping; past it: close 1011"),
+    ("--session-ttl", "session_ttl", float, "seconds a session outlives its connection, for resume"),
+    ("--max-sessions", "max_sessions", int, "resumable sessions kept (oldest dropped first)"),
+    ("--publish-rate", "publish_rate", float, "publishes per second per connection (0: no limit); past it: RATE_LIMITED"),
+    ("--publish-burst", "publish_burst", int, "publishes allowed in a burst on top of the rate"),
+    ("--shutdown-grace", "shutdown_grace", float, "seconds for closing handshakes at shutdown"),
+    ("--certfile", "certfile", str, "TLS certificate (PEM): serve https:// and wss://"),
+    ("--keyfile", "keyfile", str, "TLS private key (PEM), if not in the certificate file"),
 ]
 
 
@@ -1967,6 +2347,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, kind, text in _OPTIONS:
         default = os.environ.get(_env(field), getattr(defaults, field))
         parser.add_argument(flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{text} [{_env(field)}] (default: %(default)s)")
+    origins = os.environ.get("MICROSOCKET_ALLOWED_ORIGINS", "")
+    parser.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=None, metavar="ORIGIN", help="accept WebSocket handshakes only from this Origin (repeatable); others get HTTP 403; requests without Origin (non-browser clients) are accepted [MICROSOCKET_ALLOWED_ORIGINS, comma-separated] (default: any origin)")
+    parser.set_defaults(allowed_origins_env=tuple(o.strip() for o in origins.split(",") if o.strip()))
     parser.add_argument("--echo", action="store_true", default=_env_flag("echo", False), help="serve ws://.../echo, which echoes every message, for Autobahn|Testsuite [MICROSOCKET_ECHO] (default: %(default)s)")
     parser.add_argument("--no-demo", dest="demo", action="store_false", default=_env_flag("demo", True), help="turn off GET /demo/publish/{topic} [MICROSOCKET_DEMO=0] (default: demo on)")
     parser.add_argument("--log-level", default=os.environ.get("MICROSOCKET_LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, help="log verbosity [MICROSOCKET_LOG_LEVEL] (default: %(default)s)")
@@ -1976,7 +2359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["allowed_origins"] = tuple(args.allowed_origins) if args.allowed_origins else args.allowed_origins_env
+    return Config(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
