@@ -17,14 +17,15 @@ The protocol in ten lines (the full contract is the README's protocol reference)
                                             "status":"ok","seqNo":1} to the publisher
     the same messageId again             -> {"type":"ack",..,"status":"duplicate","seqNo":1}, not delivered
     {"type":"replay","topic":"t","fromSeq":1} -> the retained messages, then {"type":"replayed",..}
+    {"type":"resume","sessionId":..}     -> what this session missed, then {"type":"resumed",..}
     anything wrong                       -> {"type":"error","code":"INVALID_TOPIC",..}; the connection stays
 
 Every message is one JSON object in one text frame; a client may add "id" to any message and the
 direct reply carries it back. Topics are sequenced one by one (seqNo 1, 2, ...), deduplicated per
 user by messageId, and kept in a bounded history for replay.
 
-What it does not do (yet): JWT auth and ACLs, sessions and resume, signed messages,
-permessage-deflate, TLS, several processes. Demo auth accepts any non-empty token as the userId.
+What it does not do (yet): JWT auth and ACLs, signed messages, permessage-deflate, several
+processes sharing one Redis. Demo auth accepts any non-empty token as the userId.
 
 Embedding it in an asyncio program::
 
