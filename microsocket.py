@@ -371,8 +371,9 @@ def serialize_close(code: int, reason: str = "") -> bytes:
     """A close frame's payload; NO_STATUS_RCVD means "no code" and gives an empty payload."""
     if code == CloseCode.NO_STATUS_RCVD:
         return b""
-    data = code.to_bytes(2, "big") + reason.encode()
-    return data[:MAX_CONTROL_PAYLOAD]
+    # Cut a long reason to fit 125 bytes at a character boundary: the peer checks it is UTF-8.
+    reason_bytes = reason.encode()[: MAX_CONTROL_PAYLOAD - 2].decode(errors="ignore").encode()
+    return code.to_bytes(2, "big") + reason_bytes
 
 
 # === 4. HTTP/1.1 (sans-I/O) =======================================================================
@@ -470,6 +471,8 @@ class RequestReader:
 
     def next_request(self) -> Request | None:
         if self._pending is None:
+            while self.buffer[:2] == b"\r\n":
+                del self.buffer[:2]  # RFC 9112 §2.2: "SHOULD ignore at least one empty line" before a request
             end = self.buffer.find(b"\r\n\r\n", 0, self.max_head_size + 4)
             if end < 0:
                 if len(self.buffer) > self.max_head_size:
@@ -725,9 +728,15 @@ class WebSocketConnection:
                     messages.append((opcode, chunk.decode()))
                     self._end_message()
                     return
-                if self._decoder is None:
-                    self._decoder = _utf8_decoder()
-                self._parts.append(self._decoder.decode(chunk, last))
+                decoder = self._decoder
+                if decoder is None:
+                    decoder = self._decoder = _utf8_decoder()
+                self._parts.append(decoder.decode(chunk, last))
+                pending = decoder.getstate()[0]
+                if len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+                    # ED A0..BF can only start a surrogate, which UTF-8 forbids (RFC 3629 §3);
+                    # CPython's decoder waits for a third byte, so fail here, at this fragment.
+                    raise UnicodeDecodeError("utf-8", pending, 0, 2, "surrogate")
             except UnicodeDecodeError:
                 # §8.1: "When an endpoint is to interpret a byte stream as UTF-8 but finds that
                 # the byte stream is not, in fact, a valid UTF-8 stream, that endpoint MUST
