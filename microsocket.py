@@ -869,14 +869,14 @@ def decode_client_message(text: str) -> dict:
     if not isinstance(msg, dict):
         raise ClientError("INVALID_JSON", "message must be a JSON object")
     kind = msg.get("type")
-    if "id" in msg:
-        msg_id = msg["id"]
-        if isinstance(msg_id, bool) or not isinstance(msg_id, (str, int, float)):
-            raise ClientError("INVALID_MESSAGE", "'id' must be a string or a number", field="id")
+    msg_id = msg.get("id")
+    if "id" in msg and (isinstance(msg_id, bool) or not isinstance(msg_id, (str, int, float))):
+        raise ClientError("INVALID_MESSAGE", "'id' must be a string or a number", field="id")
+    # From here on the error is a direct reply, so it carries the id back (context "id").
     if not isinstance(kind, str):
-        raise ClientError("UNKNOWN_TYPE", "'type' is missing or not a string", field="type")
+        raise ClientError("UNKNOWN_TYPE", "'type' is missing or not a string", field="type", id=msg_id)
     if kind not in CLIENT_TYPES:
-        raise ClientError("UNKNOWN_TYPE", f"unknown message type {kind[:64]!r}", field="type")
+        raise ClientError("UNKNOWN_TYPE", f"unknown message type {kind[:64]!r}", field="type", id=msg_id)
     return msg
 
 
@@ -1525,7 +1525,7 @@ class Broker:
             else:
                 after = own.positions[topic][0]  # subscribed on this connection, not in the session
             # A topic this connection already receives live: replay only what came before that.
-            upto = own.positions[topic][0] if topic in client.topics and own is not session else last
+            upto = own.positions[topic][0] if topic in client.topics else last
             acked = session.positions[topic][1] if topic in session.positions else 0
             positions[topic] = [upto, acked, None]
             if after < upto:
@@ -1585,7 +1585,12 @@ class Broker:
             self.duplicates += 1
             return PublishResult("duplicate", message_id, seq, 0)
         seq = self.seq.get(topic, 0) + 1
-        frame = text_frame(encode({"type": "message", "topic": topic, "seqNo": seq, "messageId": message_id, "data": data}))
+        try:
+            frame = text_frame(encode({"type": "message", "topic": topic, "seqNo": seq, "messageId": message_id, "data": data}))
+        except (ValueError, TypeError, RecursionError):
+            # Data that decoded as JSON but cannot be encoded again (nested deeper than the
+            # encoder's recursion allows), or non-JSON data from Python code: nothing changes.
+            raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
         self.seq[topic] = seq
         self.dedup.add(user_id, message_id, seq)
         self.history.add(topic, seq, frame)
@@ -1826,9 +1831,9 @@ class App:
                 message_id = f"http-{secrets.token_hex(8)}"
             else:
                 message_id = self.broker.check_message_id(body["messageId"], topic)
+            result = self.broker.publish(user_id, topic, message_id, body.get("data"))
         except ClientError as exc:
             raise HTTPError(400, exc.message) from None
-        result = self.broker.publish(user_id, topic, message_id, body.get("data"))
         return json_response(200, {"status": result.status, "messageId": message_id, "seqNo": result.seq_no})
 
 
@@ -2192,10 +2197,10 @@ class Server:
         """Publish from Python code, with the same checks, seqNo and dedup as a client publish."""
         try:
             check_topic(topic, self.config.max_topic_length)
-            message_id = self.broker.check_message_id(message_id or f"py-{secrets.token_hex(8)}")
+            message_id = self.broker.check_message_id(f"py-{secrets.token_hex(8)}" if message_id is None else message_id)
+            return self.broker.publish(user_id, topic, message_id, data)
         except ClientError as exc:
             raise ValueError(exc.message) from None
-        return self.broker.publish(user_id, topic, message_id, data)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self.loop is not None:

@@ -10,17 +10,20 @@ fails instead of stalling the suite. No test sleeps to wait for an event.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -213,6 +216,19 @@ def thread_server(**options):
         thread.join(10)
 
 
+class FakeClock:
+    """An injectable clock that only moves when a test advances it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 # === 3. Frame codec ===============================================================================
 
 RFC_KEY = bytes.fromhex("37fa213d")  # RFC 6455 §5.7's masking key
@@ -329,7 +345,6 @@ def test_parse_close_invalid_utf8_reason():
     with pytest.raises(ms.ProtocolError) as info:
         ms.parse_close(b"\x03\xe8ok\xff")
     assert info.value.code == 1002
-
 
 
 def test_serialize_close_long_reason_stays_valid_utf8():
@@ -790,6 +805,1091 @@ def test_connection_server_close_then_peer_close():
     assert conn.data_to_send() == b""
 
 
+# === 7. Message schema ============================================================================
+
+
+def _code_of(text: str) -> ms.ClientError:
+    with pytest.raises(ms.ClientError) as info:
+        ms.decode_client_message(text)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "{",
+        '{"type": "ping"',
+        "[]",
+        '[{"type": "ping"}]',
+        "1",
+        "3.5",
+        '"ping"',
+        "null",
+        "true",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",
+        '{"type": "ping", "x": NaN}',
+        '{"type": "ping", "x": Infinity}',
+        '{"type": "ping", "x": -Infinity}',
+        '{"type": "ping", "x": 1e400}',
+        '{"type": "ping", "x": -1e400}',
+        '{"type": "ping", "x": ' + "1" * 5000 + "}",
+        "[" * 100_000,
+        "[" * 100_000 + "]" * 100_000,
+        '{"a":' * 100_000,
+    ],
+    ids=lambda t: repr(t[:24]) + (f"..({len(t)})" if len(t) > 24 else ""),
+)
+def test_decode_invalid_json(text):
+    """Text that is not one finite JSON object (or nests too deep) is INVALID_JSON."""
+    assert _code_of(text).code == "INVALID_JSON"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{}", '{"type": 5}', '{"type": null}', '{"type": true}', '{"type": ["ping"]}', '{"type": {}}', '{"type": ""}',
+     '{"type": "PING"}', '{"type": "nope"}', '{"type": "message"}', '{"type": "pong"}', '{"typ": "ping"}'],
+)
+def test_decode_unknown_type(text):
+    """A missing, non-string or unknown `type` is UNKNOWN_TYPE with field `type`."""
+    exc = _code_of(text)
+    assert (exc.code, exc.context.get("field")) == ("UNKNOWN_TYPE", "type")
+
+
+@pytest.mark.parametrize("bad_id", [True, False, None, {}, {"a": 1}, [], [1], ["x"]])
+def test_decode_invalid_id(bad_id):
+    """An `id` that is not a string or a number is INVALID_MESSAGE with field `id`."""
+    exc = _code_of(json.dumps({"type": "ping", "id": bad_id}))
+    assert (exc.code, exc.context.get("field")) == ("INVALID_MESSAGE", "id")
+
+
+@pytest.mark.parametrize("good_id", ["abc", "", 0, -1, 7, 1.5, 10**30])
+def test_decode_valid_ids(good_id):
+    """String and number ids (including 0 and "") are accepted and kept as sent."""
+    msg = ms.decode_client_message(json.dumps({"type": "ping", "id": good_id}))
+    assert msg == {"type": "ping", "id": good_id}
+
+
+def test_decode_every_client_type():
+    """Every client message type of the SPEC decodes to the same dict."""
+    for kind in ("setup", "subscribe", "unsubscribe", "publish", "replay", "resume", "ack", "refresh", "presence", "ping"):
+        assert ms.decode_client_message(json.dumps({"type": kind, "x": [1, {"y": None}]})) == {"type": kind, "x": [1, {"y": None}]}
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["", "x" * 257, "a b", " ", "a\tb", "a\nb", "a\rb", "a\x00b", "\x7f", "a\x85b", "a\x9fb", "a\u2028b", "a\u2029b",
+     "a\u00a0b", "a\u3000b", "*", "a*", "prices.*", "\ud800", "a\udfffb"],
+    ids=repr,
+)
+def test_check_topic_invalid(topic):
+    """Empty, over 256 chars, whitespace, control chars, '*' and lone surrogates are INVALID_TOPIC with field."""
+    with pytest.raises(ms.ClientError) as info:
+        ms.check_topic(topic)
+    assert info.value.code == "INVALID_TOPIC"
+    assert info.value.context["field"] == "topic"
+
+
+@pytest.mark.parametrize("topic", [None, 5, 1.5, True, ["a"], {"a": 1}, b"a"], ids=repr)
+def test_check_topic_not_a_string(topic):
+    """A topic that is not a string is INVALID_MESSAGE with field `topic`."""
+    with pytest.raises(ms.ClientError) as info:
+        ms.check_topic(topic)
+    assert (info.value.code, info.value.context["field"]) == ("INVALID_MESSAGE", "topic")
+
+
+@pytest.mark.parametrize("topic", ["prices.€", "x" * 256, "a", "a.b-c_d/e:f#1", "日本語", "café", "😀"], ids=repr)
+def test_check_topic_valid(topic):
+    """Unicode topics and a topic of exactly 256 characters are valid and returned unchanged."""
+    assert ms.check_topic(topic) == topic
+
+
+def test_check_topic_length_and_field_are_parameters():
+    """check_topic honours a smaller max_length and names the given field."""
+    assert ms.check_topic("ab", max_length=2) == "ab"
+    with pytest.raises(ms.ClientError) as info:
+        ms.check_topic("abc", max_length=2, field="topics")
+    assert (info.value.code, info.value.context["field"]) == ("INVALID_TOPIC", "topics")
+
+
+# === 8. Topic store ===============================================================================
+
+
+class _CountingDict(dict):
+    """A dict that counts lookups and refuses to be iterated (to prove O(own topics) cleanup)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.lookups = 0
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+    def __iter__(self):
+        raise AssertionError("the topic map must not be scanned")
+
+    def keys(self):
+        raise AssertionError("the topic map must not be scanned")
+
+    def values(self):
+        raise AssertionError("the topic map must not be scanned")
+
+    def items(self):
+        raise AssertionError("the topic map must not be scanned")
+
+
+def _store_and_clients(n: int):
+    broker = ms.Broker(ms.Config())
+    return ms.TopicStore(), [ms.Client(broker) for _ in range(n)]
+
+
+def test_topic_store_subscribe_idempotent():
+    """Subscribing twice returns True then False and counts one pair."""
+    store, (a,) = _store_and_clients(1)
+    assert store.subscribe(a, "t") is True
+    assert store.subscribe(a, "t") is False
+    assert store.count == 1
+    assert store.subscribers == {"t": {a}}
+    assert a.topics == {"t"}
+
+
+def test_topic_store_unsubscribe_idempotent_and_removes_empty_topic():
+    """Unsubscribing returns True then False, and a topic with no subscriber is removed."""
+    store, (a,) = _store_and_clients(1)
+    assert store.unsubscribe(a, "t") is False  # never subscribed
+    store.subscribe(a, "t")
+    assert store.unsubscribe(a, "t") is True
+    assert store.unsubscribe(a, "t") is False
+    assert store.count == 0
+    assert store.subscribers == {}
+    assert a.topics == set()
+
+
+def test_topic_store_shared_topic_survives_one_unsubscribe():
+    """A topic stays while another client is still subscribed, and the count is exact."""
+    store, (a, b) = _store_and_clients(2)
+    store.subscribe(a, "t")
+    store.subscribe(b, "t")
+    store.subscribe(b, "u")
+    assert store.count == 3
+    store.unsubscribe(a, "t")
+    assert store.subscribers == {"t": {b}, "u": {b}}
+    assert store.count == 2
+
+
+def test_topic_store_remove_client_leaves_nothing_behind():
+    """remove_client drops every pair of that client and only those, removing emptied topics."""
+    store, (a, b) = _store_and_clients(2)
+    for t in ("x", "y", "z"):
+        store.subscribe(a, t)
+    store.subscribe(b, "y")
+    store.remove_client(a)
+    assert a.topics == set()
+    assert store.subscribers == {"y": {b}}
+    assert store.count == 1
+    store.remove_client(a)  # twice is harmless
+    store.remove_client(b)
+    assert store.subscribers == {} and store.count == 0
+
+
+def test_topic_store_remove_client_touches_only_its_topics():
+    """remove_client looks up only the client's own topics and never scans the whole topic map."""
+    store, (a, b) = _store_and_clients(2)
+    for i in range(2000):
+        store.subscribe(b, f"other.{i}")
+    store.subscribe(a, "mine.1")
+    store.subscribe(a, "mine.2")
+    store.subscribe(a, "other.7")
+    store.subscribers = _CountingDict(store.subscribers)
+    store.remove_client(a)
+    assert store.subscribers.lookups <= 2 * 3  # a constant per own topic, not per topic in the store
+    assert store.count == 2000
+    assert "mine.1" not in store.subscribers and "mine.2" not in store.subscribers
+    assert dict.__getitem__(store.subscribers, "other.7") == {b}
+
+
+# === 9. Dedup =====================================================================================
+
+
+def test_dedup_duplicate_inside_window_returns_seq():
+    """A remembered (user, messageId) returns its seqNo inside the window; other users and ids do not."""
+    clock = FakeClock()
+    d = ms.Dedup(window=10, clock=clock)
+    assert d.get("u", "m1") is None
+    d.add("u", "m1", 41)
+    assert d.get("u", "m1") == 41
+    assert d.get("v", "m1") is None
+    assert d.get("u", "m2") is None
+    clock.advance(9.999)
+    assert d.get("u", "m1") == 41
+
+
+def test_dedup_forgets_after_window():
+    """An entry is forgotten once the window has passed, and the next add purges it."""
+    clock = FakeClock()
+    d = ms.Dedup(window=10, clock=clock)
+    d.add("u", "m1", 1)
+    d.add("v", "m1", 2)
+    clock.advance(10)
+    assert d.get("u", "m1") is None
+    assert d.get("v", "m1") is None
+    d.add("w", "m9", 3)
+    assert len(d) == 1
+
+
+def test_dedup_readd_expired_id():
+    """An id whose entry expired can be added again and is then remembered with its new seqNo."""
+    clock = FakeClock()
+    d = ms.Dedup(window=10, clock=clock)
+    d.add("u", "m1", 1)
+    clock.advance(11)
+    assert d.get("u", "m1") is None
+    d.add("u", "m1", 7)
+    assert d.get("u", "m1") == 7
+    assert len(d) == 1
+    clock.advance(9)
+    assert d.get("u", "m1") == 7
+
+
+def test_dedup_per_user_bound_evicts_that_users_oldest():
+    """Over the per-user bound, that user's oldest id goes, even when another user's ids are older."""
+    clock = FakeClock()
+    d = ms.Dedup(window=100, per_user=3, total=100, clock=clock)
+    d.add("v", "old", 100)
+    for i in range(1, 5):
+        clock.advance(1)
+        d.add("u", f"m{i}", i)
+    assert d.get("u", "m1") is None
+    assert [d.get("u", f"m{i}") for i in (2, 3, 4)] == [2, 3, 4]
+    assert d.get("v", "old") == 100
+    assert len(d) == 4
+
+
+def test_dedup_total_bound_evicts_globally_oldest():
+    """Over the total bound, the oldest entry of any user goes first."""
+    clock = FakeClock()
+    d = ms.Dedup(window=100, per_user=100, total=4, clock=clock)
+    for user, mid, seq in (("u", "a1", 1), ("v", "b1", 2), ("u", "a2", 3), ("w", "c1", 4)):
+        clock.advance(1)
+        d.add(user, mid, seq)
+    clock.advance(1)
+    d.add("w", "c2", 5)
+    assert d.get("u", "a1") is None
+    assert d.get("v", "b1") == 2
+    clock.advance(1)
+    d.add("w", "c3", 6)
+    assert d.get("v", "b1") is None
+    assert [d.get("u", "a2"), d.get("w", "c1"), d.get("w", "c2"), d.get("w", "c3")] == [3, 4, 5, 6]
+    assert len(d) == 4
+
+
+def test_dedup_len_bounded():
+    """However many ids are added, len() stays within the total and each user within its bound."""
+    clock = FakeClock()
+    d = ms.Dedup(window=1e9, per_user=50, total=300, clock=clock)
+    for i in range(5000):
+        clock.advance(0.001)
+        d.add(f"user{i % 13}", f"m{i}", i)
+        assert len(d) <= 300
+    for u in range(13):
+        recent = [i for i in range(5000) if i % 13 == u][-50:]
+        assert sum(d.get(f"user{u}", f"m{i}") is not None for i in range(5000) if i % 13 == u) <= 50
+        assert d.get(f"user{u}", f"m{recent[-1]}") == recent[-1]
+
+
+def test_dedup_readd_live_id_moves_it_to_the_young_end():
+    """Adding a live id again replaces it without growing, and it is then evicted last."""
+    clock = FakeClock()
+    d = ms.Dedup(window=100, per_user=2, total=100, clock=clock)
+    d.add("u", "a", 1)
+    clock.advance(1)
+    d.add("u", "b", 2)
+    clock.advance(1)
+    d.add("u", "a", 9)
+    assert len(d) == 2
+    clock.advance(1)
+    d.add("u", "c", 3)
+    assert (d.get("u", "a"), d.get("u", "b"), d.get("u", "c")) == (9, None, 3)
+
+
+# === 10. History ==================================================================================
+
+
+def _frame(topic: str, seq: int, size: int = 0) -> bytes:
+    """A recognisable fake frame of at least `size` bytes."""
+    body = f"{topic}:{seq}".encode()
+    return body + b"." * max(0, size - len(body))
+
+
+def test_history_count_bound_per_topic():
+    """Each topic keeps only its max_messages most recent messages; other topics are not affected."""
+    h = ms.History(max_messages=3, max_age=1e9, max_bytes=1 << 30, clock=FakeClock())
+    for seq in range(1, 6):
+        h.add("a", seq, _frame("a", seq))
+    h.add("b", 1, _frame("b", 1))
+    assert h.oldest("a") == 3
+    assert h.between("a", 1) == [_frame("a", s) for s in (3, 4, 5)]
+    assert h.between("b", 1) == [_frame("b", 1)]
+    assert h.count == 4
+    assert h.bytes == sum(len(_frame("a", s)) for s in (3, 4, 5)) + len(_frame("b", 1))
+
+
+def test_history_age_bound():
+    """Messages older than max_age are dropped (by expire() or the next add), oldest first."""
+    clock = FakeClock()
+    h = ms.History(max_messages=100, max_age=10, max_bytes=1 << 30, clock=clock)
+    h.add("a", 1, _frame("a", 1))
+    clock.advance(5)
+    h.add("a", 2, _frame("a", 2))
+    h.add("b", 1, _frame("b", 1))
+    clock.advance(5)
+    h.expire()
+    assert h.oldest("a") == 2
+    assert h.between("a", 1) == [_frame("a", 2)]
+    assert h.oldest("b") == 1
+    clock.advance(5)
+    h.add("c", 1, _frame("c", 1))  # an add expires too
+    assert h.oldest("a") is None and h.oldest("b") is None
+    assert h.between("a", 1) == []
+    assert (h.count, h.bytes) == (1, len(_frame("c", 1)))
+
+
+def test_history_byte_bound_evicts_globally_oldest():
+    """Over max_bytes in total, the oldest message across all topics goes first."""
+    h = ms.History(max_messages=100, max_age=1e9, max_bytes=30, clock=FakeClock())
+    h.add("a", 1, _frame("a", 1, 10))
+    h.add("b", 1, _frame("b", 1, 10))
+    h.add("a", 2, _frame("a", 2, 10))
+    assert h.bytes == 30 and h.count == 3
+    h.add("b", 2, _frame("b", 2, 10))
+    assert (h.oldest("a"), h.oldest("b")) == (2, 1)
+    h.add("c", 1, _frame("c", 1, 10))
+    assert (h.oldest("a"), h.oldest("b"), h.oldest("c")) == (2, 2, 1)
+    assert h.bytes == 30
+    h.add("c", 2, _frame("c", 2, 25))
+    assert h.bytes <= 30
+    assert h.between("c", 1) == [_frame("c", 2, 25)]
+    assert h.oldest("a") is None and h.oldest("b") is None
+
+
+def test_history_between_and_oldest():
+    """between(topic, first[, last]) returns the retained frames in that range, in order; oldest() the first seqNo."""
+    h = ms.History(max_messages=5, max_age=1e9, max_bytes=1 << 30, clock=FakeClock())
+    assert h.oldest("t") is None and h.between("t", 1) == []
+    for seq in range(1, 9):
+        h.add("t", seq, _frame("t", seq))
+    assert h.oldest("t") == 4
+    assert h.between("t", 6) == [_frame("t", s) for s in (6, 7, 8)]
+    assert h.between("t", 1) == [_frame("t", s) for s in (4, 5, 6, 7, 8)]
+    assert h.between("t", 8) == [_frame("t", 8)]
+    assert h.between("t", 9) == []
+    assert h.between("t", 100) == []
+    assert h.between("other", 1) == []
+    assert h.between("t", 5, 6) == [_frame("t", 5), _frame("t", 6)]
+    assert h.between("t", 1, 4) == [_frame("t", 4)]
+    assert h.between("t", 1, 3) == []
+    assert h.between("t", 7, 100) == [_frame("t", 7), _frame("t", 8)]
+
+
+def test_history_off_when_max_messages_is_zero():
+    """max_messages=0 retains nothing."""
+    h = ms.History(max_messages=0, clock=FakeClock())
+    h.add("t", 1, b"x")
+    assert (h.oldest("t"), h.between("t", 1), h.count, h.bytes) == (None, [], 0, 0)
+
+
+def test_history_long_run_keeps_order_storage_bounded():
+    """50,000 publishes to one topic with max_messages=10 keep the internal order queue bounded."""
+    h = ms.History(max_messages=10, max_age=1e9, max_bytes=1 << 30, clock=FakeClock())
+    for seq in range(1, 50_001):
+        h.add("hot", seq, b"m")
+        assert len(h._order) <= 2 * h.count + 1100
+    assert h.count == 10 and h.oldest("hot") == 49_991
+
+
+def test_history_long_run_behind_a_long_lived_message_stays_bounded():
+    """A long-lived message of another topic at the front does not let stale order entries pile up."""
+    h = ms.History(max_messages=10, max_age=1e9, max_bytes=1 << 30, clock=FakeClock())
+    h.add("cold", 1, b"c")
+    for seq in range(1, 50_001):
+        h.add("hot", seq, b"m")
+        assert len(h._order) <= 2 * h.count + 1100
+    assert h.oldest("cold") == 1 and h.oldest("hot") == 49_991
+    assert h.between("hot", 1) == [b"m"] * 10
+
+
+# === 12. Broker (sans-I/O) ========================================================================
+
+
+def replies(client: ms.Client) -> list[dict]:
+    """Parse and take every frame in `client.out` (each item is one complete server frame)."""
+    out = []
+    for item in client.out:
+        parsed = ms.Frame.parse(item)
+        assert parsed is not None, item
+        frame, used = parsed
+        assert used == len(item) and frame.fin and frame.opcode == ms.Opcode.TEXT, frame
+        out.append(json.loads(frame.payload))
+    client.take_output()
+    return out
+
+
+def talk(broker: ms.Broker, client: ms.Client, msg) -> list[dict]:
+    """Feed one message (a dict, or raw text) and return every reply it caused."""
+    broker.handle(client, msg if isinstance(msg, str) else json.dumps(msg))
+    return replies(client)
+
+
+def one(broker: ms.Broker, client: ms.Client, msg) -> dict:
+    """Feed one message and return its single reply."""
+    out = talk(broker, client, msg)
+    assert len(out) == 1, out
+    return out[0]
+
+
+def new_client(broker: ms.Broker, token: str | None = "alice", bound_topic: str | None = None, topics=None) -> ms.Client:
+    """A connected broker client, set up as `token` unless it is None; its outbox emptied."""
+    client = ms.Client(broker, bound_topic=bound_topic)
+    broker.connect(client)
+    if token is not None:
+        msg = {"type": "setup", "token": token}
+        if topics is not None:
+            msg["topics"] = topics
+        out = talk(broker, client, msg)
+        assert out[0]["type"] == "ready", out
+    return client
+
+
+def assert_error(msg: dict, code: str, **context) -> None:
+    assert msg["type"] == "error" and msg["code"] == code, msg
+    assert isinstance(msg["message"], str) and msg["message"]
+    for key, value in context.items():
+        assert msg.get(key) == value, (key, msg)
+
+
+def assert_usable(broker: ms.Broker, client: ms.Client) -> None:
+    """The client still gets answers after an error."""
+    assert one(broker, client, {"type": "ping", "id": "still-there"}) == {"type": "pong", "id": "still-there"}
+
+
+def test_broker_ping_before_setup_is_answered():
+    """A ping before setup gets a pong (and leaves the client un-set-up)."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert one(broker, c, {"type": "ping"}) == {"type": "pong"}
+    assert c.user_id is None
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "subscribe", "topic": "t"},
+        {"type": "unsubscribe", "topic": "t"},
+        {"type": "publish", "topic": "t", "messageId": "m"},
+        {"type": "replay", "topic": "t", "fromSeq": 1},
+        {"type": "resume", "sessionId": "s"},
+        {"type": "ack", "topic": "t", "seqNo": 1},
+        {"type": "refresh", "token": "alice"},
+        {"type": "presence", "topic": "t"},
+    ],
+    ids=lambda m: m["type"],
+)
+def test_broker_auth_required(msg):
+    """Anything but setup or ping before setup is AUTH_REQUIRED (id echoed), and nothing happens."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert_error(one(broker, c, {**msg, "id": 3}), "AUTH_REQUIRED", id=3)
+    assert broker.topics.count == 0 and broker.published == 0
+    assert_usable(broker, c)
+    assert one(broker, c, {"type": "setup", "token": "alice"})["type"] == "ready"
+
+
+@pytest.mark.parametrize("token_fields", [{}, {"token": ""}, {"token": None}, {"token": 5}, {"token": ["alice"]},
+                                          {"token": {"sub": "alice"}}, {"token": True}, {"token": "x" * 4097}],
+                         ids=["missing", "empty", "null", "number", "list", "object", "bool", "too-long"])
+def test_broker_auth_failed(token_fields):
+    """setup with a missing, empty, non-string or oversized token is AUTH_FAILED; a later good setup works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert_error(one(broker, c, {"type": "setup", **token_fields, "id": "s"}), "AUTH_FAILED", field="token", id="s")
+    assert c.user_id is None
+    assert_error(one(broker, c, {"type": "subscribe", "topic": "t"}), "AUTH_REQUIRED")
+    assert_usable(broker, c)
+    assert one(broker, c, {"type": "setup", "token": "alice"})["userId"] == "alice"
+
+
+def test_broker_already_setup():
+    """A second setup is ALREADY_SETUP and changes neither the user nor the subscriptions."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, "alice", topics=["t"])
+    session = c.session
+    assert_error(one(broker, c, {"type": "setup", "token": "bob", "topics": ["u"], "id": 1}), "ALREADY_SETUP", id=1)
+    assert (c.user_id, c.session, c.topics) == ("alice", session, {"t"})
+    assert_usable(broker, c)
+
+
+@pytest.mark.parametrize("text", ["not json", "[]", "1", '{"type": "ping", "x": NaN}', "[" * 5000])
+def test_broker_invalid_json(text):
+    """Text that is not a JSON object is INVALID_JSON; the client still works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, text), "INVALID_JSON")
+    assert_usable(broker, c)
+
+
+def test_broker_binary_is_invalid_json():
+    """A binary message is INVALID_JSON; the client still works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    broker.handle_binary(c)
+    (msg,) = replies(c)
+    assert_error(msg, "INVALID_JSON")
+    assert_usable(broker, c)
+
+
+@pytest.mark.parametrize("msg", [{}, {"type": 1}, {"type": "nope"}, {"type": "ready"}], ids=repr)
+def test_broker_unknown_type(msg):
+    """A missing, non-string or unknown type is UNKNOWN_TYPE with field `type`."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, msg), "UNKNOWN_TYPE", field="type")
+    assert_usable(broker, c)
+
+
+@pytest.mark.parametrize("msg", [{"type": "nope", "id": 5}, {"id": "x"}], ids=repr)
+def test_broker_unknown_type_echoes_id(msg):
+    """The error reply to a message with an unknown type still carries the message's (valid) id."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, msg), "UNKNOWN_TYPE", id=msg["id"])
+
+
+@pytest.mark.parametrize(
+    "msg, field",
+    [
+        ({"type": "subscribe"}, "topic"),
+        ({"type": "subscribe", "topic": 5}, "topic"),
+        ({"type": "subscribe", "topic": None}, "topic"),
+        ({"type": "unsubscribe"}, "topic"),
+        ({"type": "unsubscribe", "topic": ["t"]}, "topic"),
+        ({"type": "presence"}, "topic"),
+        ({"type": "publish", "messageId": "m"}, "topic"),
+        ({"type": "publish", "topic": "t"}, "messageId"),
+        ({"type": "publish", "topic": "t", "messageId": ""}, "messageId"),
+        ({"type": "publish", "topic": "t", "messageId": "x" * 257}, "messageId"),
+        ({"type": "publish", "topic": "t", "messageId": 5}, "messageId"),
+        ({"type": "publish", "topic": "t", "messageId": None}, "messageId"),
+        ({"type": "replay", "fromSeq": 1}, "topic"),
+        ({"type": "replay", "topic": "t"}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": 0}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": -3}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": "1"}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": True}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": 1.0}, "fromSeq"),
+        ({"type": "replay", "topic": "t", "fromSeq": None}, "fromSeq"),
+        ({"type": "resume"}, "sessionId"),
+        ({"type": "resume", "sessionId": 5}, "sessionId"),
+        ({"type": "ack", "topic": "t"}, "seqNo"),
+        ({"type": "ack", "topic": "t", "seqNo": "1"}, "seqNo"),
+        ({"type": "ack", "topic": "t", "seqNo": True}, "seqNo"),
+        ({"type": "ack", "topic": "t", "messageId": ""}, "messageId"),
+        ({"type": "ack", "seqNo": 1}, "topic"),
+        ({"type": "ping", "id": True}, "id"),
+        ({"type": "ping", "id": None}, "id"),
+        ({"type": "ping", "id": [1]}, "id"),
+        ({"type": "ping", "id": {"a": 1}}, "id"),
+    ],
+    ids=lambda v: json.dumps(v)[:60] if isinstance(v, dict) else v,
+)
+def test_broker_invalid_message(msg, field):
+    """A missing or mistyped field is INVALID_MESSAGE naming that field; nothing changes; the client works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, msg), "INVALID_MESSAGE", field=field)
+    assert broker.published == 0 and broker.topics.count == 0
+    assert_usable(broker, c)
+
+
+def test_broker_invalid_message_carries_topic_and_id():
+    """An INVALID_MESSAGE on publish carries the topic it concerns and echoes the id."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, {"type": "publish", "topic": "t", "messageId": "", "id": "p"}), "INVALID_MESSAGE",
+                 field="messageId", topic="t", id="p")
+
+
+def test_broker_message_id_of_256_chars_is_accepted():
+    """A messageId of exactly 256 characters is accepted."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    ack = one(broker, c, {"type": "publish", "topic": "t", "messageId": "m" * 256})
+    assert ack == {"type": "ack", "messageId": "m" * 256, "status": "ok", "seqNo": 1}
+
+
+def test_broker_setup_topics_must_be_a_list():
+    """setup.topics that is not an array is INVALID_MESSAGE with field `topics`; the client stays un-set-up."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert_error(one(broker, c, {"type": "setup", "token": "a", "topics": "t"}), "INVALID_MESSAGE", field="topics")
+    assert c.user_id is None
+    assert one(broker, c, {"type": "setup", "token": "a"})["type"] == "ready"
+
+
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe", "publish", "replay", "presence", "ack"])
+@pytest.mark.parametrize("topic", ["", "a b", "*", "x" * 257, "a\u2028b"], ids=repr)
+def test_broker_invalid_topic(kind, topic):
+    """An invalid topic in any message is INVALID_TOPIC with field `topic`; the client still works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    msg = {"type": kind, "topic": topic, "messageId": "m", "fromSeq": 1, "seqNo": 1}
+    assert_error(one(broker, c, msg), "INVALID_TOPIC", field="topic")
+    assert broker.published == 0 and broker.topics.count == 0
+    assert_usable(broker, c)
+
+
+def test_broker_invalid_topic_in_setup_topics():
+    """An invalid topic in setup.topics is INVALID_TOPIC (field `topics`) and refuses the whole setup."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert_error(one(broker, c, {"type": "setup", "token": "a", "topics": ["ok", "no way"]}), "INVALID_TOPIC", field="topics")
+    assert_error(one(broker, c, {"type": "setup", "token": "a", "topics": ["ok", 5]}), "INVALID_MESSAGE", field="topics")
+    assert c.user_id is None and broker.topics.count == 0
+    assert [m["type"] for m in talk(broker, c, {"type": "setup", "token": "a", "topics": ["ok"]})] == ["ready", "subscribed"]
+
+
+def test_broker_topic_locked_on_sub_socket():
+    """A sub-socket may only (un)subscribe its own topic (TOPIC_LOCKED otherwise) but may publish anywhere."""
+    broker = ms.Broker(ms.Config())
+    c = ms.Client(broker, bound_topic="t")
+    broker.connect(c)
+    out = talk(broker, c, {"type": "setup", "token": "a", "id": 1})
+    assert [m["type"] for m in out] == ["ready", "subscribed"]
+    assert out[1] == {"type": "subscribed", "topic": "t", "seqNo": 0, "id": 1}
+    assert_error(one(broker, c, {"type": "subscribe", "topic": "u", "id": 2}), "TOPIC_LOCKED", topic="u", id=2)
+    assert_usable(broker, c)
+    assert_error(one(broker, c, {"type": "unsubscribe", "topic": "u"}), "TOPIC_LOCKED", topic="u")
+    assert_usable(broker, c)
+    assert c.topics == {"t"}
+    assert one(broker, c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
+    assert one(broker, c, {"type": "publish", "topic": "u", "messageId": "m"})["status"] == "ok"
+    assert one(broker, c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
+    assert c.topics == set()
+
+
+def test_broker_topic_locked_in_setup_topics():
+    """setup.topics naming another topic on a sub-socket is TOPIC_LOCKED; a corrected setup works."""
+    broker = ms.Broker(ms.Config())
+    c = ms.Client(broker, bound_topic="t")
+    broker.connect(c)
+    assert_error(one(broker, c, {"type": "setup", "token": "a", "topics": ["t", "u"]}), "TOPIC_LOCKED", topic="u", field="topics")
+    assert c.user_id is None and c.topics == set()
+    out = talk(broker, c, {"type": "setup", "token": "a", "topics": ["t", "t"]})
+    assert [(m["type"], m.get("topic")) for m in out] == [("ready", None), ("subscribed", "t")]
+
+
+def test_broker_too_many_subscriptions_via_subscribe():
+    """Over max_subscriptions, subscribe is TOO_MANY_SUBSCRIPTIONS; re-subscribing a held topic is fine."""
+    broker = ms.Broker(ms.Config(max_subscriptions=2))
+    c = new_client(broker)
+    for t in ("a", "b"):
+        assert one(broker, c, {"type": "subscribe", "topic": t})["type"] == "subscribed"
+    assert_error(one(broker, c, {"type": "subscribe", "topic": "c", "id": 9}), "TOO_MANY_SUBSCRIPTIONS", topic="c", id=9)
+    assert c.topics == {"a", "b"}
+    assert_usable(broker, c)
+    assert one(broker, c, {"type": "subscribe", "topic": "a"})["type"] == "subscribed"
+    one(broker, c, {"type": "unsubscribe", "topic": "a"})
+    assert one(broker, c, {"type": "subscribe", "topic": "c"})["type"] == "subscribed"
+    assert c.topics == {"b", "c"}
+
+
+def test_broker_too_many_subscriptions_via_setup():
+    """A setup whose topics go over the limit is refused whole; the client stays un-set-up; a corrected setup works."""
+    broker = ms.Broker(ms.Config(max_subscriptions=2))
+    c = new_client(broker, token=None)
+    assert_error(one(broker, c, {"type": "setup", "token": "a", "topics": ["a", "b", "c"]}), "TOO_MANY_SUBSCRIPTIONS", field="topics")
+    assert c.user_id is None and c.topics == set() and broker.topics.count == 0
+    assert_error(one(broker, c, {"type": "subscribe", "topic": "a"}), "AUTH_REQUIRED")
+    out = talk(broker, c, {"type": "setup", "token": "a", "topics": ["a", "b", "a"]})
+    assert [m["type"] for m in out] == ["ready", "subscribed", "subscribed"]
+    assert c.topics == {"a", "b"}
+
+
+def test_broker_too_many_subscriptions_counts_the_bound_topic():
+    """On a sub-socket the URL topic counts towards the limit in setup."""
+    broker = ms.Broker(ms.Config(max_subscriptions=1))
+    c = ms.Client(broker, bound_topic="t")
+    broker.connect(c)
+    out = talk(broker, c, {"type": "setup", "token": "a", "topics": ["t"]})
+    assert [m["type"] for m in out] == ["ready", "subscribed"]
+
+
+def _publish(broker, client, topic, message_id, payload=None, **extra) -> list[dict]:
+    msg = {"type": "publish", "topic": topic, "messageId": message_id, **extra}
+    if payload is not None:
+        msg["payload"] = payload
+    return talk(broker, client, msg)
+
+
+def test_broker_replay_unavailable_after_eviction():
+    """Replay from an evicted seqNo is REPLAY_UNAVAILABLE with oldestSeq; from a retained one it replays in order."""
+    broker = ms.Broker(ms.Config(history_messages=2))
+    c = new_client(broker)
+    for i in range(1, 6):
+        _publish(broker, c, "t", f"m{i}", i)
+    assert_error(one(broker, c, {"type": "replay", "topic": "t", "fromSeq": 1, "id": "r"}), "REPLAY_UNAVAILABLE",
+                 oldestSeq=4, topic="t", id="r")
+    assert_usable(broker, c)
+    out = talk(broker, c, {"type": "replay", "topic": "t", "fromSeq": 4, "id": "r2"})
+    assert [(m["type"], m.get("seqNo"), m.get("data")) for m in out[:2]] == [("message", 4, 4), ("message", 5, 5)]
+    assert out[2] == {"type": "replayed", "topic": "t", "fromSeq": 4, "toSeq": 5, "id": "r2"}
+    assert len(out) == 3
+
+
+def test_broker_replay_wrong_epoch():
+    """Replay with another epoch is REPLAY_UNAVAILABLE; with this server's epoch it works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    _publish(broker, c, "t", "m1", 1)
+    assert_error(one(broker, c, {"type": "replay", "topic": "t", "fromSeq": 1, "epoch": "not-" + broker.epoch}),
+                 "REPLAY_UNAVAILABLE", topic="t")
+    assert_usable(broker, c)
+    out = talk(broker, c, {"type": "replay", "topic": "t", "fromSeq": 1, "epoch": broker.epoch})
+    assert [m["type"] for m in out] == ["message", "replayed"]
+
+
+def test_broker_replay_after_age_expiry():
+    """Messages that aged out of history are REPLAY_UNAVAILABLE, with oldestSeq the next seqNo."""
+    clock = FakeClock()
+    broker = ms.Broker(ms.Config(history_age=10), clock=clock)
+    c = new_client(broker)
+    _publish(broker, c, "t", "m1")
+    _publish(broker, c, "t", "m2")
+    clock.advance(11)
+    assert_error(one(broker, c, {"type": "replay", "topic": "t", "fromSeq": 1}), "REPLAY_UNAVAILABLE", oldestSeq=3)
+
+
+def test_broker_replay_edges():
+    """Replay of an empty topic or from beyond the latest sends only `replayed` with toSeq the latest."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert one(broker, c, {"type": "replay", "topic": "empty", "fromSeq": 1}) == {"type": "replayed", "topic": "empty", "fromSeq": 1, "toSeq": 0}
+    _publish(broker, c, "t", "m1")
+    assert one(broker, c, {"type": "replay", "topic": "t", "fromSeq": 7}) == {"type": "replayed", "topic": "t", "fromSeq": 7, "toSeq": 1}
+
+
+def test_broker_session_expired():
+    """resume of an unknown session is SESSION_EXPIRED; the client still works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert_error(one(broker, c, {"type": "resume", "sessionId": "no-such-session", "id": 4}), "SESSION_EXPIRED", id=4)
+    assert_usable(broker, c)
+
+
+def test_broker_session_expired_for_another_user_or_epoch():
+    """resume of another user's session, or with another epoch, is SESSION_EXPIRED."""
+    broker = ms.Broker(ms.Config())
+    alice = new_client(broker, "alice")
+    bob = new_client(broker, "bob")
+    assert_error(one(broker, bob, {"type": "resume", "sessionId": alice.session.id}), "SESSION_EXPIRED", field="sessionId")
+    other = new_client(broker, "alice")
+    msg = {"type": "resume", "sessionId": alice.session.id, "epoch": "x" + broker.epoch}
+    assert_error(one(broker, other, msg), "SESSION_EXPIRED", field="sessionId")
+    assert_usable(broker, bob)
+    assert_usable(broker, other)
+
+
+def test_broker_rate_limited():
+    """Over the publish rate, publish is RATE_LIMITED (not processed, not remembered); after a refill it goes through."""
+    clock = FakeClock()
+    broker = ms.Broker(ms.Config(publish_rate=1, publish_burst=2), clock=clock)
+    c = new_client(broker, topics=["t"])
+    assert [m["type"] for m in _publish(broker, c, "t", "m1")] == ["message", "ack"]
+    assert [m["type"] for m in _publish(broker, c, "t", "m2")] == ["message", "ack"]
+    (err,) = _publish(broker, c, "t", "m3", id=7)
+    assert_error(err, "RATE_LIMITED", topic="t", messageId="m3", id=7)
+    assert broker.published == 2 and broker.seq["t"] == 2
+    assert_usable(broker, c)
+    clock.advance(1)
+    out = _publish(broker, c, "t", "m3")
+    assert out[-1] == {"type": "ack", "messageId": "m3", "status": "ok", "seqNo": 3}
+    other = new_client(broker, "bob")  # the bucket is per connection
+    assert _publish(broker, other, "t", "b1")[-1]["status"] == "ok"
+
+
+def test_broker_internal_error_is_contained():
+    """An unexpected exception in a handler becomes INTERNAL_ERROR with the id, and the client still works."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+
+    def boom(client, msg):
+        raise RuntimeError("secret detail")
+
+    broker._handlers["presence"] = boom
+    err = one(broker, c, {"type": "presence", "topic": "t", "id": "x"})
+    assert_error(err, "INTERNAL_ERROR", id="x")
+    assert "secret" not in json.dumps(err)
+    assert broker.stats()["errors"]["INTERNAL_ERROR"] == 1
+    assert_usable(broker, c)
+
+
+def test_broker_deep_payload_never_internal_error():
+    """Any payload nesting depth is either published or refused as a client error, never INTERNAL_ERROR."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    codes = {}
+    for depth in range(1, 1200):
+        text = '{"type":"publish","topic":"t","messageId":"d%d","payload":%s}' % (depth, "[" * depth + "]" * depth)
+        out = talk(broker, c, text)
+        codes[depth] = out[-1].get("code") or out[-1]["type"]
+    assert "INTERNAL_ERROR" not in codes.values(), [d for d, code in codes.items() if code == "INTERNAL_ERROR"]
+
+
+@pytest.mark.parametrize("msg_id", ["abc", 7, 0, 1.5, ""], ids=repr)
+def test_broker_id_echoed_on_every_direct_reply(msg_id):
+    """ready, subscribed, unsubscribed, ack, replayed, pong, error, presence and refreshed echo the id; messages do not."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    out = talk(broker, c, {"type": "setup", "token": "alice", "topics": ["t"], "id": msg_id})
+    assert [(m["type"], m["id"]) for m in out] == [("ready", msg_id), ("subscribed", msg_id)]
+    checks = [
+        ({"type": "subscribe", "topic": "u"}, "subscribed"),
+        ({"type": "unsubscribe", "topic": "u"}, "unsubscribed"),
+        ({"type": "replay", "topic": "t", "fromSeq": 1}, "replayed"),
+        ({"type": "ping"}, "pong"),
+        ({"type": "subscribe", "topic": "bad topic"}, "error"),
+        ({"type": "presence", "topic": "t"}, "presence"),
+        ({"type": "refresh", "token": "alice"}, "refreshed"),
+    ]
+    for msg, kind in checks:
+        reply = one(broker, c, {**msg, "id": msg_id})
+        assert (reply["type"], reply["id"]) == (kind, msg_id), reply
+    message, ack = _publish(broker, c, "t", "m1", {"k": 1}, id=msg_id)
+    assert message["type"] == "message" and "id" not in message
+    assert (ack["type"], ack["id"]) == ("ack", msg_id)
+    dup = _publish(broker, c, "t", "m1", id=msg_id)
+    assert dup == [{"type": "ack", "messageId": "m1", "status": "duplicate", "seqNo": 1, "id": msg_id}]
+
+
+def test_broker_no_id_means_no_id_in_reply():
+    """A message without id gets a reply without id."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert one(broker, c, {"type": "ping"}) == {"type": "pong"}
+    assert "id" not in one(broker, c, {"type": "subscribe", "topic": ""})
+
+
+def test_broker_subscribe_unsubscribe_idempotent():
+    """Subscribing or unsubscribing twice answers both times and changes the store once."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert one(broker, c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
+    assert one(broker, c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
+    assert broker.topics.count == 1
+    assert one(broker, c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
+    assert one(broker, c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
+    assert one(broker, c, {"type": "unsubscribe", "topic": "never"}) == {"type": "unsubscribed", "topic": "never"}
+    assert broker.topics.count == 0 and broker.topics.subscribers == {}
+
+
+def test_broker_subscribed_seq_is_the_topics_latest():
+    """subscribed.seqNo is the topic's latest seqNo (0 if none), in subscribe and in setup."""
+    broker = ms.Broker(ms.Config())
+    pub = new_client(broker, "pub")
+    for i in range(3):
+        _publish(broker, pub, "t", f"m{i}")
+    sub = new_client(broker, "sub")
+    assert one(broker, sub, {"type": "subscribe", "topic": "t"})["seqNo"] == 3
+    assert one(broker, sub, {"type": "subscribe", "topic": "fresh"})["seqNo"] == 0
+    late = ms.Client(broker)
+    broker.connect(late)
+    out = talk(broker, late, {"type": "setup", "token": "late", "topics": ["t", "fresh"]})
+    assert [(m.get("topic"), m.get("seqNo")) for m in out[1:]] == [("t", 3), ("fresh", 0)]
+
+
+def test_broker_duplicate_publish():
+    """A repeated messageId gets ack duplicate with the original seqNo, is not delivered and takes no seqNo."""
+    broker = ms.Broker(ms.Config())
+    pub = new_client(broker, "pub")
+    sub = new_client(broker, "sub", topics=["t"])
+    replies(sub)
+    assert _publish(broker, pub, "t", "m1", "first") == [{"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1}]
+    assert [m["data"] for m in replies(sub)] == ["first"]
+    _publish(broker, pub, "t", "m2", "second")
+    replies(sub)
+    assert _publish(broker, pub, "t", "m1", "again") == [{"type": "ack", "messageId": "m1", "status": "duplicate", "seqNo": 1}]
+    assert replies(sub) == []
+    assert _publish(broker, pub, "t", "m3")[0]["seqNo"] == 3
+    assert [m["seqNo"] for m in replies(sub)] == [3]
+    assert broker.duplicates == 1 and broker.published == 3
+
+
+def test_broker_dedup_is_across_topics_of_one_user():
+    """The same user reusing a messageId on another topic is a duplicate, and that topic's counter does not move."""
+    broker = ms.Broker(ms.Config())
+    pub = new_client(broker, "pub")
+    _publish(broker, pub, "t", "m1")
+    assert _publish(broker, pub, "u", "m1")[0] == {"type": "ack", "messageId": "m1", "status": "duplicate", "seqNo": 1}
+    assert _publish(broker, pub, "u", "m2")[0]["seqNo"] == 1
+
+
+def test_broker_dedup_is_per_user():
+    """Two users publishing the same messageId are both accepted."""
+    broker = ms.Broker(ms.Config())
+    alice = new_client(broker, "alice")
+    bob = new_client(broker, "bob")
+    assert _publish(broker, alice, "t", "same")[0] == {"type": "ack", "messageId": "same", "status": "ok", "seqNo": 1}
+    assert _publish(broker, bob, "t", "same")[0] == {"type": "ack", "messageId": "same", "status": "ok", "seqNo": 2}
+
+
+def test_broker_dedup_shared_by_connections_of_one_user():
+    """Two connections of one user share the dedup memory."""
+    broker = ms.Broker(ms.Config())
+    a1 = new_client(broker, "alice")
+    a2 = new_client(broker, "alice")
+    _publish(broker, a1, "t", "m")
+    assert _publish(broker, a2, "t", "m")[0]["status"] == "duplicate"
+
+
+def test_broker_dedup_window_uses_the_injected_clock():
+    """After the dedup window the same messageId is accepted again with a new seqNo."""
+    clock = FakeClock()
+    broker = ms.Broker(ms.Config(dedup_window=60), clock=clock)
+    c = new_client(broker)
+    _publish(broker, c, "t", "m")
+    clock.advance(59)
+    assert _publish(broker, c, "t", "m")[0]["status"] == "duplicate"
+    clock.advance(2)
+    assert _publish(broker, c, "t", "m")[0] == {"type": "ack", "messageId": "m", "status": "ok", "seqNo": 2}
+
+
+def test_broker_publisher_gets_own_message_before_ack():
+    """A subscribed publisher receives its own message, then the ack."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, topics=["t"])
+    out = _publish(broker, c, "t", "m1", {"x": [1, 2]}, id=1)
+    assert out == [
+        {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m1", "data": {"x": [1, 2]}},
+        {"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1, "id": 1},
+    ]
+
+
+@pytest.mark.parametrize("payload", [None, 0, False, "", "text", [1, "a", None], {"nested": {"deep": [True]}}, 1.5, "€\ud800"], ids=repr)
+def test_broker_payload_delivered_as_data(payload):
+    """The payload arrives unchanged as `data`; an absent payload arrives as null."""
+    broker = ms.Broker(ms.Config())
+    pub = new_client(broker, "pub")
+    sub = new_client(broker, "sub", topics=["t"])
+    replies(sub)
+    msg = {"type": "publish", "topic": "t", "messageId": "m"}
+    if payload is not None:
+        msg["payload"] = payload
+    talk(broker, pub, msg)
+    (message,) = replies(sub)
+    assert message == {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m", "data": payload}
+
+
+def test_broker_failed_publish_is_not_remembered():
+    """A publish refused for validation or before setup does not consume its messageId."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, token=None)
+    assert_error(_publish(broker, c, "t", "m1")[0], "AUTH_REQUIRED")
+    one(broker, c, {"type": "setup", "token": "alice"})
+    assert_error(_publish(broker, c, "bad topic", "m1")[0], "INVALID_TOPIC")
+    assert_error(one(broker, c, {"type": "publish", "messageId": "m1"}), "INVALID_MESSAGE")
+    assert _publish(broker, c, "t", "m1")[0] == {"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1}
+    assert len(broker.dedup) == 1
+
+
+def test_broker_presence_lists_distinct_users():
+    """presence lists each subscribed user once, sorted, and follows unsubscribes."""
+    broker = ms.Broker(ms.Config())
+    a1 = new_client(broker, "alice", topics=["t"])
+    new_client(broker, "alice", topics=["t"])
+    bob = new_client(broker, "bob", topics=["t"])
+    carol = new_client(broker, "carol")
+    assert one(broker, carol, {"type": "presence", "topic": "t"}) == {"type": "presence", "topic": "t", "users": ["alice", "bob"], "count": 2}
+    one(broker, bob, {"type": "unsubscribe", "topic": "t"})
+    one(broker, a1, {"type": "unsubscribe", "topic": "t"})
+    assert one(broker, carol, {"type": "presence", "topic": "t"})["users"] == ["alice"]
+    assert one(broker, carol, {"type": "presence", "topic": "nobody"}) == {"type": "presence", "topic": "nobody", "users": [], "count": 0}
+
+
+def test_broker_refresh():
+    """refresh with the same user's token is refreshed (expiresAt null); another user's or a bad token is AUTH_FAILED."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, "alice")
+    assert one(broker, c, {"type": "refresh", "token": "alice", "id": 1}) == {"type": "refreshed", "expiresAt": None, "id": 1}
+    assert_error(one(broker, c, {"type": "refresh", "token": "mallory"}), "AUTH_FAILED", field="token")
+    assert_error(one(broker, c, {"type": "refresh", "token": ""}), "AUTH_FAILED", field="token")
+    assert_error(one(broker, c, {"type": "refresh"}), "AUTH_FAILED", field="token")
+    assert c.user_id == "alice"
+    assert_usable(broker, c)
+
+
+def test_broker_client_ack_has_no_reply():
+    """A valid client ack (seqNo and/or messageId) is accepted silently."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker)
+    assert talk(broker, c, {"type": "ack", "topic": "t", "seqNo": 1}) == []
+    assert talk(broker, c, {"type": "ack", "topic": "t", "messageId": "m"}) == []
+    assert talk(broker, c, {"type": "ack", "topic": "t", "seqNo": 1, "messageId": "m", "id": 3}) == []
+
+
+def test_broker_stats_exact():
+    """stats() counts connections, topics, subscriptions, published, delivered and duplicates exactly."""
+    broker = ms.Broker(ms.Config())
+    a = new_client(broker, "a", topics=["t1", "t2"])
+    b = new_client(broker, "b", topics=["t1"])
+    c = new_client(broker, "c")
+    assert {k: broker.stats()[k] for k in ("connections", "topics", "subscriptions")} == {"connections": 3, "topics": 2, "subscriptions": 3}
+    _publish(broker, c, "t1", "m1")  # to a and b
+    _publish(broker, c, "t2", "m2")  # to a
+    _publish(broker, c, "t3", "m3")  # to nobody
+    _publish(broker, c, "t1", "m1")  # duplicate
+    _publish(broker, a, "t1", "m1")  # another user: delivered to a and b
+    replies(b)
+    one(broker, b, {"type": "subscribe", "topic": "t1"})  # idempotent: no change
+    stats = broker.stats()
+    assert {k: stats[k] for k in ("connections", "topics", "subscriptions", "published", "delivered", "duplicates")} == {
+        "connections": 3, "topics": 2, "subscriptions": 3, "published": 4, "delivered": 5, "duplicates": 1,
+    }
+    broker.disconnect(b)
+    assert {k: broker.stats()[k] for k in ("connections", "topics", "subscriptions")} == {"connections": 2, "topics": 2, "subscriptions": 2}
+    broker.disconnect(a)
+    broker.disconnect(a)  # twice is harmless
+    assert {k: broker.stats()[k] for k in ("connections", "topics", "subscriptions")} == {"connections": 1, "topics": 0, "subscriptions": 0}
+
+
+def test_broker_disconnect_removes_everything():
+    """disconnect removes all of a client's subscriptions, empties its topics, and later publishes reach nobody."""
+    broker = ms.Broker(ms.Config())
+    c = new_client(broker, topics=["a", "b", "c"])
+    other = new_client(broker, "o")
+    broker.disconnect(c)
+    assert broker.topics.subscribers == {} and broker.topics.count == 0 and c.topics == set()
+    assert _publish(broker, other, "a", "m")[0]["seqNo"] == 1
+    assert broker.delivered == 0 and c.out == []
+
+
+def test_broker_publish_api_result():
+    """Broker.publish returns a PublishResult with status, messageId, seqNo and subscriber count."""
+    broker = ms.Broker(ms.Config())
+    new_client(broker, "s1", topics=["t"])
+    new_client(broker, "s2", topics=["t"])
+    assert broker.publish("u", "t", "m", {"a": 1}) == ms.PublishResult("ok", "m", 1, 2)
+    assert broker.publish("u", "t", "m", {"a": 1}) == ms.PublishResult("duplicate", "m", 1, 0)
+    assert broker.publish("u", "empty", "m2", None) == ms.PublishResult("ok", "m2", 1, 0)
+
+
 # === 13. HTTP routes ==============================================================================
 
 
@@ -1157,3 +2257,490 @@ def test_echo_off_by_default():
         upgrade = ("Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13")
         status, _, body = http_call(server.port, "GET", "/echo", *upgrade)
     assert status == 404 and "error" in json.loads(body)
+
+
+# === End to end (websockets client) ==============================================================
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,}\Z")
+
+
+async def http_get_json(server: ms.Server, path: str) -> dict:
+    """GET `path` on the server with a fresh connection; the parsed JSON body of a 200."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)
+
+
+async def pong_check(ws, tag) -> None:
+    """The connection still answers: ping with an id gets pong with that id."""
+    assert await request(ws, {"type": "ping", "id": tag}) == {"type": "pong", "id": tag}
+
+
+def test_e2e_setup_ready_then_subscribed_in_order():
+    """setup with topics gets ready {sessionId, userId, epoch} then one subscribed per topic, in order."""
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server)) as ws1, connect(ws_url(server)) as ws2:
+                ready = await setup(ws1, "alice", topics=["b", "a", "c"], id="s")
+                assert set(ready) == {"type", "sessionId", "userId", "epoch", "id"}
+                assert SESSION_ID.match(ready["sessionId"]) and ready["userId"] == "alice" and ready["id"] == "s"
+                assert isinstance(ready["epoch"], str) and ready["epoch"]
+                subs = [await recv_json(ws1) for _ in range(3)]
+                assert subs == [{"type": "subscribed", "topic": t, "seqNo": 0, "id": "s"} for t in ("b", "a", "c")]
+                ready2 = await setup(ws2, "alice")
+                assert ready2["sessionId"] != ready["sessionId"] and ready2["epoch"] == ready["epoch"]
+                await pong_check(ws1, 1)
+
+    run(main())
+
+
+def test_e2e_session_ids_unique():
+    """Every connection gets a different sessionId."""
+
+    async def main():
+        async with serving() as server:
+            ids = set()
+            for _ in range(20):
+                async with connect(ws_url(server)) as ws:
+                    ids.add((await setup(ws))["sessionId"])
+            assert len(ids) == 20
+
+    run(main())
+
+
+def test_e2e_publish_message_then_ack():
+    """A subscribed publisher gets its message then its ack; another subscriber gets the message."""
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server)) as pub, connect(ws_url(server)) as sub:
+                await setup(pub, "p", topics=["t"])
+                await recv_json(pub)
+                await setup(sub, "s", topics=["t"])
+                await recv_json(sub)
+                await pub.send(json.dumps({"type": "publish", "topic": "t", "messageId": "m1", "payload": {"v": 1}, "id": 5}))
+                message = {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m1", "data": {"v": 1}}
+                assert await recv_json(pub) == message
+                assert await recv_json(pub) == {"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1, "id": 5}
+                assert await recv_json(sub) == message
+
+    run(main())
+
+
+def test_e2e_sub_socket_percent_decoded_and_locked():
+    """/ws/sub/caf%C3%A9 subscribes "café" first after setup, refuses other topics, and may publish."""
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server, "/ws/sub/caf%C3%A9")) as ws:
+                await setup(ws, "alice", topics=["café"])
+                assert await recv_json(ws) == {"type": "subscribed", "topic": "café", "seqNo": 0}
+                reply = await request(ws, {"type": "subscribe", "topic": "other", "id": 1})
+                assert (reply["type"], reply["code"], reply["topic"], reply["id"]) == ("error", "TOPIC_LOCKED", "other", 1)
+                await pong_check(ws, 2)
+                await ws.send(json.dumps({"type": "publish", "topic": "café", "messageId": "m"}))
+                assert (await recv_json(ws))["type"] == "message"
+                assert (await recv_json(ws))["type"] == "ack"
+            async with connect(ws_url(server, "/ws/sub/a.b")) as ws:
+                await setup(ws, "bob", topics=["a.b", "a.b"])
+                assert await recv_json(ws) == {"type": "subscribed", "topic": "a.b", "seqNo": 0}
+                await pong_check(ws, 3)  # no second subscribed came first
+
+    run(main())
+
+
+@pytest.mark.parametrize("path", ["/ws/sub/a%20b", "/ws/sub/%2A", "/ws/sub/%FF", "/ws/sub/a%00b", "/ws/sub/" + "x" * 257])
+def test_e2e_sub_socket_invalid_topic_is_400(path):
+    """A sub-socket URL with an invalid (decoded) topic fails the handshake with HTTP 400."""
+
+    async def main():
+        async with serving() as server:
+            with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+                async with connect(ws_url(server, path)):
+                    pass
+            assert info.value.response.status_code == 400
+
+    run(main())
+
+
+def test_e2e_every_error_code_keeps_the_connection():
+    """Each applicable error code is provoked over a real connection, and a ping still gets a pong after each."""
+
+    async def main():
+        # publish_burst=2 at a negligible rate: the third publish is refused, whatever the timing.
+        async with serving(max_subscriptions=1, history_messages=1, publish_rate=1e-6, publish_burst=2) as server:
+            async with connect(ws_url(server)) as ws, connect(ws_url(server, "/ws/sub/locked")) as sub:
+                await pong_check(ws, "before-setup")
+                steps = [
+                    ({"type": "subscribe", "topic": "t"}, "AUTH_REQUIRED"),
+                    ({"type": "setup", "token": ""}, "AUTH_FAILED"),
+                    ("this is not json", "INVALID_JSON"),
+                    (b"\x00\x01binary", "INVALID_JSON"),
+                    ({"type": "dance"}, "UNKNOWN_TYPE"),
+                    ({"type": "setup", "token": "alice"}, "ready"),
+                    ({"type": "setup", "token": "alice"}, "ALREADY_SETUP"),
+                    ({"type": "subscribe"}, "INVALID_MESSAGE"),
+                    ({"type": "publish", "topic": "t", "messageId": ""}, "INVALID_MESSAGE"),
+                    ({"type": "subscribe", "topic": "a b"}, "INVALID_TOPIC"),
+                    ({"type": "subscribe", "topic": "x"}, "subscribed"),
+                    ({"type": "subscribe", "topic": "y"}, "TOO_MANY_SUBSCRIPTIONS"),
+                    ({"type": "publish", "topic": "z", "messageId": "z1"}, "ack"),
+                    ({"type": "publish", "topic": "z", "messageId": "z2"}, "ack"),
+                    ({"type": "replay", "topic": "z", "fromSeq": 1}, "REPLAY_UNAVAILABLE"),
+                    ({"type": "replay", "topic": "z", "fromSeq": 2, "epoch": "other"}, "REPLAY_UNAVAILABLE"),
+                    ({"type": "resume", "sessionId": "unknown"}, "SESSION_EXPIRED"),
+                    ({"type": "publish", "topic": "z", "messageId": "z3"}, "RATE_LIMITED"),
+                ]
+                for i, (msg, expected) in enumerate(steps):
+                    await ws.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
+                    reply = await recv_json(ws)
+                    assert reply.get("code", reply["type"]) == expected, (msg, reply)
+                    await pong_check(ws, i)
+                await setup(sub, "bob")
+                assert (await recv_json(sub))["topic"] == "locked"
+                for msg in ({"type": "subscribe", "topic": "other"}, {"type": "unsubscribe", "topic": "other"}):
+                    reply = await request(sub, msg)
+                    assert reply["code"] == "TOPIC_LOCKED", reply
+                    await pong_check(sub, msg["type"])
+                stats = await http_get_json(server, "/stats")
+                assert stats["connections"] == 2
+
+    run(main())
+
+
+def test_e2e_ordering_three_publishers_five_subscribers():
+    """3 publishers x 200 concurrent messages: all 5 subscribers see seqNo 1..600 once, in order, identically."""
+
+    async def main():
+        async with serving() as server, contextlib.AsyncExitStack() as stack:
+            subs = [await stack.enter_async_context(connect(ws_url(server))) for _ in range(5)]
+            pubs = [await stack.enter_async_context(connect(ws_url(server))) for _ in range(3)]
+            for i, ws in enumerate(subs):
+                await setup(ws, f"sub{i}", topics=["t"])
+                assert (await recv_json(ws))["type"] == "subscribed"
+            for i, ws in enumerate(pubs):
+                await setup(ws, f"pub{i}")
+
+            async def publisher(i, ws):
+                for n in range(200):
+                    await ws.send(json.dumps({"type": "publish", "topic": "t", "messageId": f"p{i}-{n}", "payload": n}))
+                return [await recv_json(ws, 10) for _ in range(200)]
+
+            async def subscriber(ws):
+                return [await recv_json(ws, 10) for _ in range(600)]
+
+            results = await asyncio.gather(*(subscriber(ws) for ws in subs), *(publisher(i, ws) for i, ws in enumerate(pubs)))
+            seen, acks = results[:5], results[5:]
+            order = [m["messageId"] for m in seen[0]]
+            for msgs in seen:
+                assert [m["type"] for m in msgs] == ["message"] * 600
+                assert [m["seqNo"] for m in msgs] == list(range(1, 601))
+                assert [m["messageId"] for m in msgs] == order
+            assert sorted(order) == sorted(f"p{i}-{n}" for i in range(3) for n in range(200))
+            seq_of = {m["messageId"]: m["seqNo"] for m in seen[0]}
+            for i, publisher_acks in enumerate(acks):
+                assert [a["messageId"] for a in publisher_acks] == [f"p{i}-{n}" for n in range(200)]
+                assert all(a["status"] == "ok" and a["seqNo"] == seq_of[a["messageId"]] for a in publisher_acks)
+                mine = [seq_of[f"p{i}-{n}"] for n in range(200)]
+                assert mine == sorted(mine)  # one connection's publishes keep their order
+
+    run(main(), timeout=40)
+
+
+def test_e2e_fan_out_to_500_subscribers():
+    """One publish reaches all 500 subscribers; /stats counts them before and shows 0 after they close."""
+
+    async def main():
+        async with serving() as server:
+            opened = []
+
+            async def subscriber(i):
+                ws = await connect(ws_url(server), open_timeout=20, ping_interval=None)
+                opened.append(ws)
+                await ws.send(json.dumps({"type": "setup", "token": f"u{i}", "topics": ["fan"]}))
+                assert (await recv_json(ws, 20))["type"] == "ready"
+                assert (await recv_json(ws, 20))["type"] == "subscribed"
+                return ws
+
+            try:
+                conns = await asyncio.gather(*(subscriber(i) for i in range(500)))
+                stats = await http_get_json(server, "/stats")
+                assert {k: stats[k] for k in ("connections", "topics", "subscriptions")} == {"connections": 500, "topics": 1, "subscriptions": 500}
+                result = server.publish("fan", {"hello": "all"}, message_id="fan-1")
+                assert result == ms.PublishResult("ok", "fan-1", 1, 500)
+                got = await asyncio.gather(*(recv_json(ws, 20) for ws in conns))
+                assert all(m == {"type": "message", "topic": "fan", "seqNo": 1, "messageId": "fan-1", "data": {"hello": "all"}} for m in got)
+                await asyncio.gather(*(ws.close() for ws in conns))
+                stats = await http_get_json(server, "/stats")
+                assert {k: stats[k] for k in ("connections", "topics", "subscriptions")} == {"connections": 0, "topics": 0, "subscriptions": 0}
+                assert stats["delivered"] == 500
+            finally:
+                await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
+
+    run(main(), timeout=45)
+
+
+def test_e2e_embedding_publish():
+    """server.publish delivers to a subscriber and returns a PublishResult; invalid input raises ValueError."""
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server)) as ws:
+                await setup(ws, topics=["prices"])
+                await recv_json(ws)
+                result = server.publish("prices", {"btc": 1})
+                assert isinstance(result, ms.PublishResult)
+                assert (result.status, result.seq_no, result.subscribers) == ("ok", 1, 1)
+                assert result.message_id.startswith("py-")
+                assert await recv_json(ws) == {"type": "message", "topic": "prices", "seqNo": 1, "messageId": result.message_id, "data": {"btc": 1}}
+                again = server.publish("prices", {"btc": 2}, message_id="tick", user_id="feeder")
+                assert (again.status, again.seq_no) == ("ok", 2)
+                assert server.publish("prices", {"btc": 3}, message_id="tick", user_id="feeder") == ms.PublishResult("duplicate", "tick", 2, 0)
+                assert (await recv_json(ws))["messageId"] == "tick"
+                for topic in ("bad topic", "", "x" * 257, "a*", 5, None):
+                    with pytest.raises(ValueError):
+                        server.publish(topic, {})
+                with pytest.raises(ValueError):
+                    server.publish("prices", {}, message_id="m" * 257)
+                await pong_check(ws, "nothing-else-arrived")
+
+    run(main())
+
+
+def test_e2e_embedding_publish_empty_message_id_raises():
+    """server.publish with an empty message_id (an invalid messageId) raises ValueError."""
+
+    async def main():
+        async with serving() as server:
+            with pytest.raises(ValueError):
+                server.publish("prices", {}, message_id="")
+
+    run(main())
+
+
+def test_e2e_graceful_close_sends_1001():
+    """await server.close() closes every client with 1001 and stops accepting."""
+
+    async def main():
+        async with serving() as server:
+            port = server.port
+            async with connect(ws_url(server)) as ws1, connect(ws_url(server, "/ws/sub/t")) as ws2:
+                await setup(ws1)
+                await server.close()
+                for ws in (ws1, ws2):
+                    await asyncio.wait_for(ws.wait_closed(), 5)
+                    assert ws.close_code == 1001
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+
+    run(main())
+
+
+# === Command line (subprocess) ===================================================================
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "microsocket.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICROSOCKET_")}
+    env.update(extra)
+    env["COLUMNS"] = "200"
+    return env
+
+
+@contextlib.contextmanager
+def cli(*args: str, env: dict | None = None):
+    """Start `microsocket.py` with -u; yield (process, queue of stdout lines); always kill it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", SCRIPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env or _child_env(),
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def read_banner(lines: queue.Queue, timeout: float = 10) -> str:
+    """Stdout up to and including the line with the ws:// URL."""
+    text = ""
+    while "ws://" not in text:
+        line = lines.get(timeout=timeout)
+        assert line is not None, f"process ended; printed {text!r}"
+        text += line
+    return text
+
+
+async def _close_code_on_signal(proc, port: int, sig: int) -> int:
+    async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        await setup(ws)
+        proc.send_signal(sig)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        return ws.close_code
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_prints_urls_and_shuts_down_on_signal(sig):
+    """The CLI prints the docs and ws URLs; on SIGTERM/SIGINT a client gets 1001 and the process exits 0."""
+    port = free_port()
+    with cli("--port", str(port), "--log-level", "WARNING") as (proc, lines):
+        banner = read_banner(lines)
+        assert f"http://127.0.0.1:{port}/docs" in banner
+        assert f"ws://127.0.0.1:{port}/ws" in banner
+        assert run(_close_code_on_signal(proc, port, sig)) == 1001
+        assert proc.wait(timeout=10) == 0
+
+
+def test_cli_port_from_environment():
+    """MICROSOCKET_PORT is honoured when --port is not given."""
+    port = free_port()
+    with cli(env=_child_env(MICROSOCKET_PORT=str(port))) as (proc, lines):
+        banner = read_banner(lines)
+        assert f"ws://127.0.0.1:{port}/ws" in banner
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_cli_help_lists_every_option():
+    """--help lists every Config option (and its environment variable) and exits 0."""
+    done = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=20, env=_child_env())
+    assert done.returncode == 0, done.stderr
+    for field in ms.dataclasses.fields(ms.Config):
+        special = {"demo": "--no-demo", "allowed_origins": "--allowed-origin"}
+        flag = special.get(field.name, "--" + field.name.replace("_", "-"))
+        assert flag in done.stdout, flag
+        assert "MICROSOCKET_" + field.name.upper() in done.stdout, field.name
+    for flag in ("--log-level", "--version"):
+        assert flag in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [(["--max-buffer", "-1"], {}), (["--port", "-5"], {}), (["--history-age", "-0.5"], {}), ([], {"MICROSOCKET_MAX_SUBSCRIPTIONS": "-3"})],
+    ids=["max-buffer", "port", "history-age", "env"],
+)
+def test_cli_refuses_negative_limits(args, env):
+    """A negative limit, from a flag or the environment, is refused with exit status 2."""
+    done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=20, env=_child_env(**env))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "negative" in done.stderr
+
+
+def test_cli_bad_value_is_usage_error():
+    """A non-numeric limit is an argparse usage error (exit 2)."""
+    done = subprocess.run([sys.executable, SCRIPT, "--max-buffer", "lots"], capture_output=True, text=True, timeout=20, env=_child_env())
+    assert done.returncode == 2 and "--max-buffer" in done.stderr
+
+
+# === Standard library only =======================================================================
+
+
+def test_imports_only_the_standard_library():
+    """Every import in microsocket.py, top level or not, names a standard-library module."""
+    with open(SCRIPT, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "__import__", "dynamic import"
+    assert names, "no imports found"
+    assert names - set(sys.stdlib_module_names) == set()
+    assert "importlib" not in names
+
+
+# === Slow consumer ================================================================================
+
+
+class SmallWindowClient(RawClient):
+    """A RawClient whose receive buffer is small, so that not reading fills the pipe quickly."""
+
+    def __init__(self, port: int, timeout: float = 5) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+
+
+def test_slow_consumer_closed_with_4001_others_get_everything():
+    """A subscriber that stops reading is closed with 4001 after a gap-free prefix; a reading one gets every message."""
+    pad = "x" * 16384
+    with thread_server(max_buffer=65536, close_timeout=30) as server:
+
+        def in_loop(fn):
+            async def call():
+                return fn()
+
+            return asyncio.run_coroutine_threadsafe(call(), server.loop).result(10)
+
+        slow = SmallWindowClient(server.port)
+        normal = RawClient(server.port)
+        try:
+            for client, name in ((slow, "slow"), (normal, "normal")):
+                client.handshake("/ws")
+                client.send_json({"type": "setup", "token": name, "topics": ["t"]})
+                assert client.recv_json()["type"] == "ready"
+                assert client.recv_json()["type"] == "subscribed"
+            assert in_loop(lambda: server.broker.connections) == 2
+            published = 0
+            for i in range(1, 3001):
+                result = in_loop(lambda: server.publish("t", {"n": i, "pad": pad}, message_id=f"m{i}"))
+                assert result.seq_no == i
+                published = i
+                assert normal.recv_json()["seqNo"] == i
+                if in_loop(lambda: server.broker.connections) == 1:
+                    break
+            else:
+                pytest.fail("the slow consumer was never disconnected")
+            for i in range(published + 1, published + 4):
+                assert in_loop(lambda: server.publish("t", {"n": i}, message_id=f"m{i}")).subscribers == 1
+                assert normal.recv_json()["seqNo"] == i
+            seqs = []
+            while True:
+                frame = slow.recv_frame()
+                if frame.opcode == ms.Opcode.CLOSE:
+                    code = ms.parse_close(frame.payload)[0]
+                    break
+                seqs.append(json.loads(frame.payload)["seqNo"])
+            assert code == 4001
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < published
+            slow.send(masked(ms.Opcode.CLOSE, ms.serialize_close(1000)))
+            assert slow.at_eof()
+            stats = in_loop(server.broker.stats)
+            assert stats["connections"] == 1 and stats["disconnects"].get("4001") == 1
+        finally:
+            slow.close()
+            normal.close()
