@@ -899,6 +899,46 @@ def error_message(code: str, message: str, msg_id: Any = None, **context: Any) -
         out["id"] = msg_id
     return out
 
+# The wire schema of every message, as JSON Schema: the single source for /asyncapi.json and the
+# docs. (type, summary, properties, required, example); `type` and `id` are added to each.
+_TOPIC = {"type": "string", "minLength": 1, "maxLength": MAX_TOPIC_LENGTH, "pattern": r"^[^\s*]+$"}
+_SEQ = {"type": "integer", "minimum": 0}
+_MESSAGE_ID = {"type": "string", "minLength": 1, "maxLength": MAX_MESSAGE_ID_LENGTH}
+CLIENT_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
+    ("setup", "Authenticate; optionally subscribe", {"token": {"type": "string", "minLength": 1}, "topics": {"type": "array", "items": _TOPIC}}, ["token"], {"type": "setup", "token": "alice", "topics": ["prices"], "id": 1}),
+    ("subscribe", "Subscribe to a topic (idempotent)", {"topic": _TOPIC}, ["topic"], {"type": "subscribe", "topic": "prices", "id": 2}),
+    ("unsubscribe", "Unsubscribe (idempotent)", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribe", "topic": "prices"}),
+    ("publish", "Publish a message", {"topic": _TOPIC, "messageId": _MESSAGE_ID, "payload": {}}, ["topic", "messageId"], {"type": "publish", "topic": "prices", "messageId": "m-1", "payload": {"btc": 97000}, "id": 3}),
+    ("replay", "Resend retained messages from fromSeq", {"topic": _TOPIC, "fromSeq": {"type": "integer", "minimum": 1}, "epoch": {"type": "string"}}, ["topic", "fromSeq"], {"type": "replay", "topic": "prices", "fromSeq": 1}),
+    ("resume", "Re-attach a session and replay its gap", {"sessionId": {"type": "string"}, "lastSeqPerTopic": {"type": "object", "additionalProperties": _SEQ}, "epoch": {"type": "string"}}, ["sessionId"], {"type": "resume", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "lastSeqPerTopic": {"prices": 1}}),
+    ("ack", "Record the client's position", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID}, ["topic"], {"type": "ack", "topic": "prices", "seqNo": 1}),
+    ("refresh", "Replace the token (same user)", {"token": {"type": "string", "minLength": 1}}, ["token"], {"type": "refresh", "token": "alice"}),
+    ("presence", "Who is subscribed to a topic", {"topic": _TOPIC}, ["topic"], {"type": "presence", "topic": "prices"}),
+    ("ping", "Application-level ping", {}, [], {"type": "ping", "id": 4}),
+]
+SERVER_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
+    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}}, ["sessionId", "userId", "epoch"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "id": 1}),
+    ("subscribed", "Subscribed; the next message is seqNo + 1", {"topic": _TOPIC, "seqNo": _SEQ}, ["topic", "seqNo"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "id": 2}),
+    ("unsubscribed", "Unsubscribed", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribed", "topic": "prices"}),
+    ("ack", "Publish accepted or duplicate", {"messageId": _MESSAGE_ID, "status": {"enum": ["ok", "duplicate"]}, "seqNo": _SEQ}, ["messageId", "status", "seqNo"], {"type": "ack", "messageId": "m-1", "status": "ok", "seqNo": 1, "id": 3}),
+    ("message", "A published message", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
+    ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ}, ["topic", "fromSeq", "toSeq"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1}),
+    ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}}, ["sessionId", "topics", "replayed", "missed"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": []}),
+    ("refreshed", "Token replaced", {"expiresAt": {"type": ["integer", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
+    ("presence", "Distinct users subscribed", {"topic": _TOPIC, "users": {"type": "array", "items": {"type": "string"}}, "count": _SEQ}, ["topic", "users", "count"], {"type": "presence", "topic": "prices", "users": ["alice"], "count": 1}),
+    ("pong", "Answer to ping", {}, [], {"type": "pong", "id": 4}),
+    ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
+]
+
+
+def message_schema(kind: str, properties: dict, required: list[str]) -> dict:
+    """The JSON Schema of one message type."""
+    return {
+        "type": "object",
+        "properties": {"type": {"const": kind}, "id": {"type": ["string", "number"]}, **properties},
+        "required": ["type", *required],
+    }
+
 
 # === 8. Topic store ===============================================================================
 #
@@ -1715,6 +1755,7 @@ class App:
             (re.compile(r"/healthz\Z"), get, self.healthz),
             (re.compile(r"/openapi\.json\Z"), get, self.openapi_json),
             (re.compile(r"/openapi\Z"), get, self.openapi_page),
+            (re.compile(r"/asyncapi\.json\Z"), get, self.asyncapi_json),
             (re.compile(r"/publish\Z"), ("POST",), self.post_publish),
         ]
         if config.demo:
@@ -1795,6 +1836,9 @@ class App:
     def openapi_json(self, request: Request) -> Response:
         return json_response(200, openapi_document(self.config))
 
+    def asyncapi_json(self, request: Request) -> Response:
+        return json_response(200, asyncapi_document(self.config))
+
     def openapi_page(self, request: Request) -> Response:
         return Response(200, openapi_html(openapi_document(self.config)).encode(), "text/html; charset=utf-8")
 
@@ -1862,6 +1906,7 @@ def openapi_document(config: Config) -> dict:
         "/stats": {"get": {"summary": "Counters", "responses": {"200": json_ok("#/components/schemas/Stats", "current counters")}}},
         "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+        "/asyncapi.json": {"get": {"summary": "AsyncAPI 3.0 document of the WebSocket protocol", "responses": {"200": {"description": "AsyncAPI 3.0", "content": {"application/json": {}}}}}},
         "/openapi": {"get": {"summary": "This document as a page", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
         "/publish": {
             "post": {
@@ -1943,6 +1988,61 @@ def openapi_document(config: Config) -> dict:
             },
         },
     }
+
+
+def asyncapi_document(config: Config) -> dict:
+    """AsyncAPI 3.0 description of the WebSocket protocol, from CLIENT_MESSAGES and SERVER_MESSAGES.
+
+    Operations are written from the server's side: it receives client messages, sends the others.
+    """
+    messages: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    for direction, table in (("client", CLIENT_MESSAGES), ("server", SERVER_MESSAGES)):
+        for kind, summary, properties, required, example in table:
+            name = f"{direction}.{kind}"
+            schemas[name] = message_schema(kind, properties, required)
+            messages[name] = {
+                "name": kind,
+                "title": f"{kind} ({'client to server' if direction == 'client' else 'server to client'})",
+                "summary": summary,
+                "contentType": "application/json",
+                "payload": {"$ref": f"#/components/schemas/{name}"},
+                "examples": [{"payload": example}],
+            }
+    channel_messages = {name: {"$ref": f"#/components/messages/{name}"} for name in messages}
+    channels = {
+        "ws": {"address": "/ws", "title": "One connection, many topics", "messages": channel_messages},
+        "wsSub": {
+            "address": "/ws/sub/{topic}",
+            "title": "A connection bound to one topic (subscribed after setup)",
+            "parameters": {"topic": {"description": "the topic, percent-encoded"}},
+            "messages": channel_messages,
+        },
+    }
+    operations = {}
+    for channel in channels:
+        for name in messages:
+            direction, kind = name.split(".")
+            operations[f"{channel}.{'receive' if direction == 'client' else 'send'}.{kind}"] = {
+                "action": "receive" if direction == "client" else "send",
+                "channel": {"$ref": f"#/channels/{channel}"},
+                "messages": [{"$ref": f"#/channels/{channel}/messages/{name}"}],
+            }
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "microsocket",
+            "version": __version__,
+            "description": "Micro Socket pub/sub over WebSocket: every message is one JSON object in one text frame.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {"local": {"host": f"{host}:{config.port}", "protocol": "wss" if config.certfile else "ws"}},
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": schemas},
+    }
+
 
 
 def openapi_html(doc: dict) -> str:
