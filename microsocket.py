@@ -1893,24 +1893,42 @@ def _url_topic(raw: str, max_length: int) -> str:
 
 
 def openapi_document(config: Config) -> dict:
-    """OpenAPI 3.1 description of the HTTP routes."""
-    error = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    """OpenAPI 3.1 description of the HTTP routes, with schemas and examples."""
 
-    def json_ok(ref: str, text: str) -> dict:
-        return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
+    def error(example: str) -> dict:
+        return {
+            "description": example,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}, "example": {"error": example}}},
+        }
 
+    def body(ref: str, text: str, example: Any) -> dict:
+        return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}, "example": example}}}
+
+    def page(text: str, media: str = "text/html") -> dict:
+        return {"description": text, "content": {media: {"schema": {"type": "string"}}}}
+
+    not_allowed = error("method POST not allowed")
+    upgrade_errors = {
+        "400": error("Sec-WebSocket-Key must be base64 of 16 bytes"),
+        "403": error("origin 'https://elsewhere.example' is not allowed"),
+        "426": error("this endpoint speaks WebSocket"),
+        "503": error(f"connection limit ({config.max_connections}) reached: try again later"),
+        "405": not_allowed,
+    }
+    topic_parameter = {"name": "topic", "in": "path", "required": True, "description": "percent-encoded UTF-8", "schema": _TOPIC}
+    stats_example = {"connections": 2, "topics": 1, "subscriptions": 2, "published": 10, "delivered": 20, "replayed": 0, "duplicates": 1, "sessions": 2}
     paths: dict[str, Any] = {
-        "/": {"get": {"summary": "Redirect to /docs", "responses": {"302": {"description": "to /docs"}}}},
-        "/docs": {"get": {"summary": "Protocol reference and live console", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
-        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok", "content": {"text/plain": {"example": "ok"}}}}}},
-        "/stats": {"get": {"summary": "Counters", "responses": {"200": json_ok("#/components/schemas/Stats", "current counters")}}},
-        "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
-        "/asyncapi.json": {"get": {"summary": "AsyncAPI 3.0 document of the WebSocket protocol", "responses": {"200": {"description": "AsyncAPI 3.0", "content": {"application/json": {}}}}}},
-        "/openapi": {"get": {"summary": "This document as a page", "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
+        "/": {"get": {"summary": "Redirect to /docs", "responses": {"302": {"description": "to /docs (Location header)"}, "405": not_allowed}}},
+        "/docs": {"get": {"summary": "Protocol reference and live console", "responses": {"200": page("HTML page"), "405": not_allowed}}},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}, "example": "ok\n"}}}, "405": not_allowed}}},
+        "/stats": {"get": {"summary": "Counters (exact at every moment)", "responses": {"200": body("#/components/schemas/Stats", "current counters", stats_example), "405": not_allowed}}},
+        "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {"200": page("metrics", "text/plain"), "405": not_allowed}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": page("OpenAPI 3.1", "application/json"), "405": not_allowed}}},
+        "/openapi": {"get": {"summary": "This document as a page", "responses": {"200": page("HTML page"), "405": not_allowed}}},
+        "/asyncapi.json": {"get": {"summary": "AsyncAPI 3.0 document of the WebSocket protocol", "responses": {"200": page("AsyncAPI 3.0", "application/json"), "405": not_allowed}}},
         "/publish": {
             "post": {
-                "summary": "Publish a message as the token's user (same auth and dedup as a WebSocket publish)",
+                "summary": "Publish a message as the token's user (same auth, checks and dedup as a WebSocket publish)",
                 "security": [{"bearer": []}],
                 "requestBody": {
                     "required": True,
@@ -1922,44 +1940,45 @@ def openapi_document(config: Config) -> dict:
                     },
                 },
                 "responses": {
-                    "200": json_ok("#/components/schemas/PublishResponse", "accepted or duplicate"),
-                    "400": error,
-                    "401": error,
-                    "411": error,
-                    "413": error,
+                    "200": body("#/components/schemas/PublishResponse", "accepted, or a duplicate with the original seqNo", {"status": "ok", "messageId": "order-1", "seqNo": 1}),
+                    "400": error("body is not valid JSON"),
+                    "401": error("send Authorization: Bearer <token>"),
+                    "405": error("method GET not allowed"),
+                    "411": error("Transfer-Encoding is not supported: send a Content-Length"),
+                    "413": error(f"request body over {config.max_body_size} bytes"),
                 },
             }
         },
-        "/ws": {
-            "get": {
-                "summary": "WebSocket: one connection, many topics (see /docs for the messages)",
-                "responses": {"101": {"description": "switching protocols"}, "400": error, "403": error, "426": error, "503": error},
-            }
-        },
+        "/ws": {"get": {"summary": "WebSocket: one connection, many topics (messages: /asyncapi.json)", "responses": {"101": {"description": "switching protocols"}, **upgrade_errors}}},
         "/ws/sub/{topic}": {
             "get": {
-                "summary": "WebSocket bound to one topic",
-                "parameters": [{"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"101": {"description": "switching protocols"}, "400": error, "403": error, "426": error, "503": error},
+                "summary": "WebSocket bound to one topic, subscribed after setup",
+                "parameters": [topic_parameter],
+                "responses": {"101": {"description": "switching protocols"}, **upgrade_errors},
             }
         },
     }
     if config.demo:
         paths["/demo/publish/{topic}"] = {
             "get": {
-                "summary": "Publish the query parameters as a message from user 'demo'",
+                "summary": "Publish the query parameters (values stay strings) as a message from user 'demo'",
                 "parameters": [
-                    {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "params", "in": "query", "style": "form", "explode": True, "schema": {"type": "object", "additionalProperties": {"type": "string"}}},
+                    topic_parameter,
+                    {"name": "params", "in": "query", "style": "form", "explode": True, "schema": {"type": "object", "additionalProperties": {"type": "string"}}, "example": {"k": "v"}},
                 ],
-                "responses": {"200": json_ok("#/components/schemas/DemoPublishResponse", "published"), "400": error},
+                "responses": {
+                    "200": body("#/components/schemas/DemoPublishResponse", "published", {"ok": True, "topic": "prices", "messageId": "demo-1-9f1c2ab0", "seqNo": 1, "subscribers": 0}),
+                    "400": error("invalid topic: topic is empty"),
+                    "405": not_allowed,
+                },
             }
         }
     if config.echo:
-        paths["/echo"] = {"get": {"summary": "WebSocket echo, for conformance testing", "responses": {"101": {"description": "switching protocols"}, "426": error}}}
+        paths["/echo"] = {"get": {"summary": "WebSocket echo, for conformance testing", "responses": {"101": {"description": "switching protocols"}, **upgrade_errors}}}
+    integer = {"type": "integer", "minimum": 0}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway"},
+        "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway. The WebSocket messages are in /asyncapi.json."},
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -1968,22 +1987,22 @@ def openapi_document(config: Config) -> dict:
                 "Stats": {
                     "type": "object",
                     "required": ["connections", "topics", "subscriptions"],
-                    "properties": {k: {"type": "integer"} for k in ("connections", "topics", "subscriptions", "published", "delivered", "duplicates")},
+                    "properties": {k: integer for k in ("connections", "topics", "subscriptions", "published", "delivered", "replayed", "duplicates", "sessions")},
                 },
                 "PublishRequest": {
                     "type": "object",
                     "required": ["topic"],
-                    "properties": {"topic": {"type": "string", "maxLength": config.max_topic_length}, "messageId": {"type": "string", "maxLength": config.max_message_id_length}, "data": {}},
+                    "properties": {"topic": _TOPIC, "messageId": _MESSAGE_ID, "data": {}},
                 },
                 "PublishResponse": {
                     "type": "object",
                     "required": ["status", "messageId", "seqNo"],
-                    "properties": {"status": {"enum": ["ok", "duplicate"]}, "messageId": {"type": "string"}, "seqNo": {"type": "integer"}},
+                    "properties": {"status": {"enum": ["ok", "duplicate"]}, "messageId": {"type": "string"}, "seqNo": integer},
                 },
                 "DemoPublishResponse": {
                     "type": "object",
                     "required": ["ok", "topic", "messageId", "seqNo", "subscribers"],
-                    "properties": {"ok": {"const": True}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "seqNo": {"type": "integer"}, "subscribers": {"type": "integer"}},
+                    "properties": {"ok": {"const": True}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "seqNo": integer, "subscribers": integer},
                 },
             },
         },
