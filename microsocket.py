@@ -1837,7 +1837,7 @@ class App:
         return json_response(200, openapi_document(self.config))
 
     def asyncapi_json(self, request: Request) -> Response:
-        return json_response(200, asyncapi_document(self.config))
+        return json_response(200, asyncapi_document(self.config, request.header("host")))
 
     def openapi_page(self, request: Request) -> Response:
         return Response(200, openapi_html(openapi_document(self.config)).encode(), "text/html; charset=utf-8")
@@ -1905,7 +1905,7 @@ def openapi_document(config: Config) -> dict:
         return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}, "example": example}}}
 
     def page(text: str, media: str = "text/html") -> dict:
-        return {"description": text, "content": {media: {"schema": {"type": "string"}}}}
+        return {"description": text, "content": {media: {"schema": {"type": "object" if media == "application/json" else "string"}}}}
 
     not_allowed = error("method POST not allowed")
     upgrade_errors = {
@@ -2009,7 +2009,7 @@ def openapi_document(config: Config) -> dict:
     }
 
 
-def asyncapi_document(config: Config) -> dict:
+def asyncapi_document(config: Config, host: str | None = None) -> dict:
     """AsyncAPI 3.0 description of the WebSocket protocol, from CLIENT_MESSAGES and SERVER_MESSAGES.
 
     Operations are written from the server's side: it receives client messages, sends the others.
@@ -2047,7 +2047,8 @@ def asyncapi_document(config: Config) -> dict:
                 "channel": {"$ref": f"#/channels/{channel}"},
                 "messages": [{"$ref": f"#/channels/{channel}/messages/{name}"}],
             }
-    host = config.host if ":" not in config.host else f"[{config.host}]"
+    if host is None:  # the address clients used (the request's Host), else the configured one
+        host = (config.host if ":" not in config.host else f"[{config.host}]") + f":{config.port}"
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -2056,7 +2057,7 @@ def asyncapi_document(config: Config) -> dict:
             "description": "Micro Socket pub/sub over WebSocket: every message is one JSON object in one text frame.",
         },
         "defaultContentType": "application/json",
-        "servers": {"local": {"host": f"{host}:{config.port}", "protocol": "wss" if config.certfile else "ws"}},
+        "servers": {"local": {"host": host, "protocol": "wss" if config.certfile else "ws"}},
         "channels": channels,
         "operations": operations,
         "components": {"messages": messages, "schemas": schemas},
