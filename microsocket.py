@@ -1142,8 +1142,9 @@ class History:
         if not entries:
             return []
         oldest = entries[0][0]
-        stop = None if last is None else max(0, last - oldest + 1)
-        return [frame for _, _, frame in itertools.islice(entries, max(0, first - oldest), stop)]
+        start = min(len(entries), max(0, first - oldest))  # clamped: a client may send any integer
+        stop = len(entries) if last is None else min(len(entries), max(0, last - oldest + 1))
+        return [frame for _, _, frame in itertools.islice(entries, start, stop)]
 
 
 # === 11. Auth =====================================================================================
@@ -1257,6 +1258,7 @@ class Client:
         "close_request",
         "rate_tokens",
         "rate_time",
+        "replay_credit",
     )
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
@@ -1271,6 +1273,9 @@ class Client:
         self.close_request: int | None = None  # a close code the broker asks the I/O layer to send
         self.rate_tokens = float(broker.config.publish_burst)
         self.rate_time = 0.0
+        # Bytes of replayed messages not yet known to have drained: a long replay is not a sign
+        # of a slow reader, so the slow-consumer check leaves them out (section 14).
+        self.replay_credit = 0
 
     def send(self, frame: bytes) -> None:
         """Queue one frame; it is written at the end of the event-loop turn."""
@@ -1522,6 +1527,7 @@ class Broker:
         frames = self.history.between(topic, from_seq)
         for frame in frames:
             client.send(frame)
+            client.replay_credit += len(frame)
         self.replayed += len(frames)
         self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
 
@@ -1574,6 +1580,7 @@ class Broker:
                     missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest if oldest is not None else last + 1})
                 for frame in self.history.between(topic, after + 1, upto):
                     client.send(frame)
+                    client.replay_credit += len(frame)
                     replayed += 1
             self.topics.subscribe(client, topic)
         self.replayed += replayed
@@ -2137,7 +2144,7 @@ class ServerConnection(Client, asyncio.Protocol):
         ws = self.ws
         if ws is not None:
             if self.broker is not None:
-                self.broker.disconnect(self)
+                self.broker.disconnect(self, reliable=False)  # dropped without a closing handshake
             code = ws.close_sent if ws.close_sent is not None else ws.close_code
             self.server.broker.disconnects[code if code is not None else CloseCode.ABNORMAL_CLOSURE] += 1
 
@@ -2226,7 +2233,8 @@ class ServerConnection(Client, asyncio.Protocol):
         transport = self.transport
         if self.broker is not None:
             last = (self.take_output() if self.out else b"") + last
-            self.broker.disconnect(self)
+            # "Last handed" is trusted only when the peer ended the connection with a close frame.
+            self.broker.disconnect(self, reliable=self.ws.close_code is not None)
         if last:
             transport.write(last)
         if self.ws.state == CLOSED:
@@ -2239,7 +2247,9 @@ class ServerConnection(Client, asyncio.Protocol):
 
         A consumer is slow when what it has not yet taken from earlier writes is over the limit
         when more is to be written. Measured before the write, so one message larger than the
-        limit (a 16 MiB echo, a long replay) is not mistaken for a reader that stopped.
+        limit (a 16 MiB echo) is not mistaken for a reader that stopped, and without the bytes of
+        a replay or resume that have not drained yet (`replay_credit`), so a long catch-up is not
+        either.
         """
         if self.close_request is not None:
             code, self.close_request = self.close_request, None
@@ -2249,12 +2259,16 @@ class ServerConnection(Client, asyncio.Protocol):
             return
         transport = self.transport
         unsent = transport.get_write_buffer_size()
-        if unsent > self.server.config.max_buffer:
+        if unsent - self.replay_credit > self.server.config.max_buffer:
             log.info("closing a slow consumer: %d bytes unsent", unsent)
             self.take_output()  # not sent: the client resumes from history after 4001
             self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit", reliable=False)
             return
         transport.write(self.take_output())
+        if self.replay_credit:
+            # The buffer drains in order, so the replayed bytes still unsent are at most what is
+            # unsent now: the credit shrinks as the client reads.
+            self.replay_credit = min(self.replay_credit, transport.get_write_buffer_size())
 
     def tick(self, now: float) -> None:
         """Apply the timeouts (called once per TICK)."""
@@ -2264,8 +2278,8 @@ class ServerConnection(Client, asyncio.Protocol):
                 self.reader = None
                 self.transport.close()  # request head not complete in time (or idle keep-alive)
             return
-        if ws.state != OPEN or self.is_echo:
-            return
+        if ws.state != OPEN or self.is_echo or self.broker is None:
+            return  # closing already (a taken-over session waits for its close request)
         config = self.server.config
         if self.user_id is None and now > self.deadline:
             self.close_websocket(CloseCode.SETUP_TIMEOUT, f"no setup within {config.setup_timeout:g} s")
@@ -2275,7 +2289,8 @@ class ServerConnection(Client, asyncio.Protocol):
             self.ping_sent = 0.0
         elif self.ping_sent:
             if now - self.ping_sent > config.ping_timeout:
-                self.close_websocket(CloseCode.INTERNAL_ERROR, "no pong in time")
+                # What is still unsent may never arrive: resume must not trust "last handed".
+                self.close_websocket(CloseCode.INTERNAL_ERROR, "no pong in time", reliable=False)
         elif config.ping_interval and now - self.idle_since >= config.ping_interval:
             self.ping_sent = now
             self.send(serialize_frame(Opcode.PING, b""))
@@ -2336,12 +2351,16 @@ class Server:
         self.broker.flushed(self.broker.clock())
 
     def _tick(self) -> None:
+        self._ticker = self.loop.call_later(TICK, self._tick)  # first: a failure below cannot stop the timers
         now = self.loop.time()
         for conn in list(self.connections):
-            conn.tick(now)
+            try:
+                conn.tick(now)
+            except Exception:
+                log.exception("timer sweep failed for a connection; dropping it")
+                conn.transport.abort()
         self.broker.expire_sessions()
         self.broker.history.expire()
-        self._ticker = self.loop.call_later(TICK, self._tick)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, grace: float | None = None) -> None:
         """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""

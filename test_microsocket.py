@@ -15,20 +15,24 @@ import asyncio
 import base64
 import collections
 import contextlib
+import gc
 import html
 import inspect
 import json
+import logging
 import os
 import queue
+import random
 import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
-import time
+import tracemalloc
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -2463,7 +2467,7 @@ def test_docs_openapi_and_asyncapi_are_served():
         assert json.loads(body) == ms.asyncapi_document(server.config, f"127.0.0.1:{server.port}")
 
 
-def test_openapi_page_is_self_contained():
+def test_openapi_page_lists_every_documented_path():
     """/openapi is an HTML page listing every documented path, loading nothing from another host."""
     with thread_server() as server:
         status, headers, body = http_get(server.port, "/openapi")
@@ -3392,6 +3396,1801 @@ def test_slow_consumer_closed_with_4001_others_get_everything():
         finally:
             slow.close()
             normal.close()
+
+
+# === Continuity and flow control: helpers ======================================================================================
+
+
+def make_broker(**options) -> tuple[ms.Broker, FakeClock]:
+    """A sans-I/O Broker with Config(**options) and a fake clock."""
+    clock = FakeClock()
+    return ms.Broker(ms.Config(**options), clock=clock), clock
+
+
+def parse_frames(data: bytes) -> list[ms.Frame]:
+    """Every complete server frame in `data` (which must hold only complete frames)."""
+    frames = []
+    while data:
+        parsed = ms.Frame.parse(data)
+        assert parsed is not None, f"incomplete frame in {data[:80]!r}"
+        frame, used = parsed
+        frames.append(frame)
+        data = data[used:]
+    return frames
+
+
+def take(client: ms.Client) -> list[dict]:
+    """Empty a fake client's outbox (as the I/O layer would) and return its messages, parsed."""
+    data = b"".join(client.out)
+    client.out.clear()
+    client.out_bytes = 0
+    if client.broker is not None:
+        client.broker.dirty = [c for c in client.broker.dirty if c is not client]
+    out = []
+    for frame in parse_frames(data):
+        assert frame.opcode == ms.Opcode.TEXT, frame
+        out.append(json.loads(frame.payload))
+    return out
+
+
+def send(broker: ms.Broker, client: ms.Client, msg: dict) -> list[dict]:
+    """Send one message from a fake client and return everything it then has in its outbox."""
+    broker.handle(client, json.dumps(msg))
+    return take(client)
+
+
+def fake_client(broker: ms.Broker, token: str | None = "alice", topics: list[str] | None = None) -> tuple[ms.Client, dict]:
+    """A connected fake client, set up as `token` (with `topics`); returns it and its `ready`."""
+    client = ms.Client(broker)
+    broker.connect(client)
+    ready: dict = {}
+    if token is not None:
+        msg = {"type": "setup", "token": token}
+        if topics is not None:
+            msg["topics"] = topics
+        replies = send(broker, client, msg)
+        ready = replies[0]
+        assert ready["type"] == "ready", replies
+        assert [r["topic"] for r in replies[1:]] == list(topics or []), replies
+    return client, ready
+
+
+def publish_n(broker: ms.Broker, topic: str, n: int, user: str = "pub", size: int = 0) -> list[int]:
+    """Publish `n` messages to `topic` as `user` straight into the broker; return their seqNos."""
+    seqs = []
+    for _ in range(n):
+        seq = broker.seq.get(topic, 0) + 1
+        result = broker.publish(user, topic, f"{topic}-{seq}", {"n": seq, "pad": "x" * size})
+        assert result.status == "ok"
+        seqs.append(result.seq_no)
+    return seqs
+
+
+def seqs_of(messages: list[dict], topic: str | None = None) -> list[int]:
+    """The seqNos of the `message` frames in `messages` (of one topic when given)."""
+    return [m["seqNo"] for m in messages if m["type"] == "message" and (topic is None or m["topic"] == topic)]
+
+
+async def eventually(predicate, timeout: float = 10, what: str = "condition") -> None:
+    """Wait until predicate() is true (checking every few ms), failing after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class AsyncRaw:
+    """A raw, non-blocking client socket driven from the event loop that runs the server.
+
+    It reads only when asked, so a test can make it stop reading (a slow consumer) or go silent
+    (no pong), and it can send what a polite client cannot (half a frame, half a request head).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def open(cls, port: int) -> AsyncRaw:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(sock)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def _more(self) -> None:
+        chunk = await self.loop.sock_recv(self.sock, 1 << 16)
+        if not chunk:
+            raise ConnectionError(f"connection closed; unparsed: {self.buffer[:80]!r}")
+        self.buffer += chunk
+
+    async def http(self, raw: bytes) -> tuple[int, dict]:
+        """Send a request head; return (status, lower-case headers) of the response, body skipped."""
+        await self.send(raw)
+        while b"\r\n\r\n" not in self.buffer:
+            await self._more()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(self.buffer) < length:
+            await self._more()
+        self.buffer = self.buffer[length:]
+        return int(lines[0].split()[1]), headers
+
+    async def handshake(self, path: str = "/ws", *extra: str) -> tuple[int, dict]:
+        """A WebSocket opening handshake with `extra` header lines; (status, headers)."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", "Host: x", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *extra]
+        status, headers = await self.http(("\r\n".join(lines) + "\r\n\r\n").encode())
+        if status == 101:
+            assert headers["sec-websocket-accept"] == ms.accept_key(key)
+        return status, headers
+
+    async def recv_frame(self) -> ms.Frame:
+        while True:
+            parsed = ms.Frame.parse(self.buffer)
+            if parsed is not None:
+                frame, used = parsed
+                self.buffer = self.buffer[used:]
+                return frame
+            await self._more()
+
+    async def recv_json(self) -> dict:
+        frame = await self.recv_frame()
+        assert frame.opcode == ms.Opcode.TEXT, frame
+        return json.loads(frame.payload)
+
+    async def send_json(self, msg: dict) -> None:
+        await self.send(masked(ms.Opcode.TEXT, json.dumps(msg).encode()))
+
+    async def setup(self, token: str = "alice", **fields) -> dict:
+        await self.send_json({"type": "setup", "token": token, **fields})
+        ready = await self.recv_json()
+        assert ready["type"] == "ready", ready
+        for _ in fields.get("topics", ()):
+            assert (await self.recv_json())["type"] == "subscribed"
+        return ready
+
+    async def at_eof(self) -> bool:
+        """Read until the server closes TCP (whatever arrives is kept in the buffer)."""
+        while True:
+            try:
+                chunk = await self.loop.sock_recv(self.sock, 1 << 16)
+            except ConnectionResetError:
+                return True
+            if not chunk:
+                return True
+            self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def aio_http_get(port: int, path: str) -> tuple[int, dict, bytes]:
+    """GET `path` on a fresh connection from inside the server's event loop."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+async def get_json(port: int, path: str) -> dict:
+    status, _, body = await aio_http_get(port, path)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+SEQ_RE = re.compile(r'"seqNo":(\d+)')
+
+
+def seq_of_text(text: str) -> int:
+    """The seqNo of a `message` frame's text without parsing its (possibly large) payload."""
+    assert text.startswith('{"type":"message"'), text[:80]
+    return int(SEQ_RE.search(text, 0, 200).group(1))
+
+
+# === 10. History and replay, end to end ========================================================================
+
+
+def test_replay_after_history_count_bound():
+    """A topic keeps its last history_messages messages; replay from an evicted seqNo is refused with oldestSeq."""
+    broker, _ = make_broker(history_messages=3)
+    client, _ = fake_client(broker)
+    publish_n(broker, "t", 5)
+    publish_n(broker, "u", 2)
+    assert broker.history.count == 5 and broker.history.oldest("t") == 3 and broker.history.oldest("u") == 1
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 3})
+    assert seqs_of(replies) == [3, 4, 5]
+    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 3, "toSeq": 5}
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 2, "id": 7})
+    assert len(replies) == 1, replies
+    assert replies[0]["type"] == "error" and replies[0]["code"] == "REPLAY_UNAVAILABLE"
+    assert (replies[0]["oldestSeq"], replies[0]["topic"], replies[0]["id"]) == (3, "t", 7)
+
+
+def test_replay_after_history_age_bound():
+    """A message older than history_age is dropped: replay then reports the oldest still held, or latest + 1."""
+    broker, clock = make_broker(history_age=10)
+    client, _ = fake_client(broker)
+    publish_n(broker, "t", 2)
+    clock.advance(6)
+    publish_n(broker, "t", 1)
+    clock.advance(5)  # seqNos 1-2 are 11 s old, 3 is 5 s old
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 1})
+    assert [(r["type"], r.get("code"), r.get("oldestSeq")) for r in replies] == [("error", "REPLAY_UNAVAILABLE", 3)]
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 3})
+    assert seqs_of(replies) == [3] and replies[-1]["type"] == "replayed"
+    clock.advance(10)  # everything is too old now
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 3})
+    assert [(r["type"], r.get("code"), r.get("oldestSeq")) for r in replies] == [("error", "REPLAY_UNAVAILABLE", 4)]
+    assert broker.history.count == 0 and broker.history.bytes == 0
+
+
+def test_history_total_bytes_bound_across_topics():
+    """history_bytes bounds all topics together, and the oldest message of any topic goes first."""
+    probe, _ = make_broker()
+    publish_n(probe, "a", 1)
+    size = probe.history.bytes  # every frame below has this size: same topic length, same payload
+    broker, _ = make_broker(history_bytes=3 * size)
+    client, _ = fake_client(broker)
+    for topic in ("a", "b", "a", "b"):  # a1, b1, a2, b2: a1 is the oldest of all
+        publish_n(broker, topic, 1)
+    assert broker.history.bytes == 3 * size and broker.history.count == 3
+    assert (broker.history.oldest("a"), broker.history.oldest("b")) == (2, 1)
+    replies = send(broker, client, {"type": "replay", "topic": "a", "fromSeq": 1})
+    assert [(r["code"], r["oldestSeq"]) for r in replies] == [("REPLAY_UNAVAILABLE", 2)]
+    assert seqs_of(send(broker, client, {"type": "replay", "topic": "b", "fromSeq": 1})) == [1, 2]
+    publish_n(broker, "a", 1)  # a3 pushes out b1, now the oldest
+    assert (broker.history.oldest("a"), broker.history.oldest("b")) == (2, 2)
+    assert broker.history.bytes <= 3 * size
+
+
+def test_replay_sends_range_as_messages_then_replayed():
+    """replay sends fromSeq..latest as the original message frames, then replayed {topic, fromSeq, toSeq} with the id."""
+    broker, _ = make_broker()
+    client, ready = fake_client(broker)
+    publish_n(broker, "t", 5)
+    publish_n(broker, "other", 3)
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 2, "epoch": ready["epoch"], "id": "r1"})
+    assert [(m["topic"], m["seqNo"], m["messageId"], m["data"]["n"]) for m in replies[:-1]] == [
+        ("t", n, f"t-{n}", n) for n in (2, 3, 4, 5)
+    ]
+    assert all(m["type"] == "message" for m in replies[:-1])
+    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 2, "toSeq": 5, "id": "r1"}
+    assert broker.replayed == 4
+    # Beyond the latest: nothing, and toSeq is the latest.
+    assert send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 9}) == [
+        {"type": "replayed", "topic": "t", "fromSeq": 9, "toSeq": 5}
+    ]
+
+
+def test_replay_wrong_epoch_is_unavailable_and_nothing_else():
+    """replay with an epoch that is not the server's gets REPLAY_UNAVAILABLE with oldestSeq and no message frame."""
+    broker, _ = make_broker()
+    client, ready = fake_client(broker)
+    publish_n(broker, "t", 3)
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 1, "epoch": ready["epoch"] + "x"})
+    assert len(replies) == 1 and replies[0]["type"] == "error"
+    assert (replies[0]["code"], replies[0]["oldestSeq"], replies[0]["topic"]) == ("REPLAY_UNAVAILABLE", 1, "t")
+
+
+def test_replay_huge_from_seq_is_answered_replayed():
+    """replay with a huge fromSeq (2**64) beyond the latest sends nothing and answers replayed, as the README says."""
+    broker, _ = make_broker()
+    client, _ = fake_client(broker)
+    publish_n(broker, "t", 1)
+    replies = send(broker, client, {"type": "replay", "topic": "t", "fromSeq": 2**64})
+    assert replies == [{"type": "replayed", "topic": "t", "fromSeq": 2**64, "toSeq": 1}]
+
+
+def test_replay_end_to_end():
+    """Over a real connection, replay returns the retained messages in order, then replayed."""
+
+    async def main():
+        async with serving(history_messages=4) as server:
+            for i in range(6):
+                server.publish("news", {"i": i}, message_id=f"n{i}")
+            async with connect(ws_url(server), ping_interval=None) as ws:
+                await setup(ws, "alice")
+                await ws.send(json.dumps({"type": "replay", "topic": "news", "fromSeq": 3, "id": 1}))
+                got = [await recv_json(ws) for _ in range(5)]
+                assert [(m["seqNo"], m["data"]) for m in got[:4]] == [(n, {"i": n - 1}) for n in (3, 4, 5, 6)]
+                assert got[4] == {"type": "replayed", "topic": "news", "fromSeq": 3, "toSeq": 6, "id": 1}
+                error = await request(ws, {"type": "replay", "topic": "news", "fromSeq": 2})
+                assert (error["code"], error["oldestSeq"]) == ("REPLAY_UNAVAILABLE", 3)
+                assert (await request(ws, {"type": "ping"}))["type"] == "pong"  # nothing else was sent
+
+    run(main())
+
+
+# === 12. Sessions and resume =======================================================================
+
+
+def detach(broker: ms.Broker, client: ms.Client, reliable: bool = True) -> None:
+    """The connection goes away (what the I/O layer does on connection_lost)."""
+    take(client)
+    broker.disconnect(client, reliable)
+
+
+def test_session_outlives_connection_for_ttl_then_expires():
+    """A detached session can be resumed until session_ttl has passed; then resume gets SESSION_EXPIRED."""
+    broker, clock = make_broker(session_ttl=10)
+    old, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 2)
+    detach(broker, old)
+    publish_n(broker, "t", 1)
+    assert ready["sessionId"] in broker.sessions and broker.stats()["sessions"] == 1
+    clock.advance(9.5)
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies) == [3]
+    assert replies[-1]["type"] == "resumed" and replies[-1]["replayed"] == 1
+
+    other, ready2 = fake_client(broker, topics=["t"])
+    detach(broker, other)
+    clock.advance(10)
+    assert ready2["sessionId"] in broker.sessions
+    broker.expire_sessions()  # what the server's once-a-second sweep calls
+    assert ready2["sessionId"] not in broker.sessions
+    late, _ = fake_client(broker)
+    replies = send(broker, late, {"type": "resume", "sessionId": ready2["sessionId"], "id": 3})
+    assert [(r["type"], r["code"], r["id"]) for r in replies] == [("error", "SESSION_EXPIRED", 3)]
+
+
+def test_session_expires_exactly_at_ttl_without_other_activity():
+    """An expired session is refused by resume itself, even if no sweep ran since it expired."""
+    broker, clock = make_broker(session_ttl=5)
+    old, ready = fake_client(broker, topics=["t"])
+    detach(broker, old)
+    clock.advance(5)
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert [r.get("code") for r in replies] == ["SESSION_EXPIRED"]
+
+
+@pytest.mark.parametrize("who, epoch_suffix", [("mallory", None), ("alice", "-old"), ("alice", "unknown-id")])
+def test_resume_refused_is_session_expired_and_changes_nothing(who, epoch_suffix):
+    """resume by another user, with a wrong epoch, or of an unknown id is SESSION_EXPIRED; the session stays resumable."""
+    broker, _ = make_broker()
+    old, ready = fake_client(broker, "alice", topics=["t"])
+    detach(broker, old)
+    publish_n(broker, "t", 2)
+    intruder, intruder_ready = fake_client(broker, who)
+    msg = {"type": "resume", "sessionId": ready["sessionId"]}
+    if epoch_suffix == "unknown-id":
+        msg["sessionId"] = "no-such-session"
+    elif epoch_suffix is not None:
+        msg["epoch"] = intruder_ready["epoch"] + epoch_suffix
+    replies = send(broker, intruder, msg)
+    assert [(r["type"], r["code"]) for r in replies] == [("error", "SESSION_EXPIRED")]
+    assert intruder.topics == set() and broker.sessions[ready["sessionId"]].client is None
+    publish_n(broker, "t", 1)
+    assert take(intruder) == []  # not subscribed to anything by the refused resume
+    owner, _ = fake_client(broker, "alice")
+    replies = send(broker, owner, {"type": "resume", "sessionId": ready["sessionId"], "epoch": ready["epoch"]})
+    assert seqs_of(replies) == [1, 2, 3] and replies[-1]["type"] == "resumed"
+
+
+@pytest.mark.parametrize(
+    "given, acked, expected",
+    [
+        ({"t": 5}, 3, [6, 7, 8]),  # lastSeqPerTopic wins over everything
+        (None, 3, [4, 5, 6, 7, 8]),  # else the acknowledged position
+        (None, None, [7, 8]),  # else the last seqNo handed to the old connection (6)
+    ],
+)
+def test_resume_position_precedence(given, acked, expected):
+    """resume replays after lastSeqPerTopic when given, else after the acked seqNo, else after the last one handed."""
+    broker, _ = make_broker()
+    old, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 6)
+    assert seqs_of(take(old)) == [1, 2, 3, 4, 5, 6]
+    if acked is not None:
+        assert send(broker, old, {"type": "ack", "topic": "t", "seqNo": acked}) == []  # ack has no reply
+    detach(broker, old)
+    publish_n(broker, "t", 2)
+    new, _ = fake_client(broker)
+    msg = {"type": "resume", "sessionId": ready["sessionId"], "id": "r"}
+    if given is not None:
+        msg["lastSeqPerTopic"] = given
+    replies = send(broker, new, msg)
+    assert seqs_of(replies) == expected
+    assert replies[-1] == {"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"],
+                           "replayed": len(expected), "missed": [], "id": "r"}
+
+
+def test_resume_after_unreliable_disconnect_falls_back_to_subscribe_position():
+    """After a slow-consumer disconnect the handed position is not trusted: resume replays from where it subscribed."""
+    broker, _ = make_broker()
+    publish_n(broker, "t", 2)
+    old, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 3)
+    detach(broker, old, reliable=False)
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies) == [3, 4, 5]
+
+
+def test_resumed_reports_missed_when_history_lost_the_gap():
+    """When history no longer holds the gap, resumed lists {topic, fromSeq, oldestSeq} and replays what is left."""
+    broker, _ = make_broker(history_messages=3)
+    old, ready = fake_client(broker, topics=["t", "u"])
+    publish_n(broker, "t", 2)
+    publish_n(broker, "u", 1)
+    take(old)
+    detach(broker, old)
+    publish_n(broker, "t", 6)  # 3..8; history keeps 6..8
+    publish_n(broker, "u", 1)  # 2; nothing missed on u
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies, "t") == [6, 7, 8] and seqs_of(replies, "u") == [2]
+    resumed = replies[-1]
+    assert resumed["type"] == "resumed" and sorted(resumed["topics"]) == ["t", "u"] and resumed["replayed"] == 4
+    assert resumed["missed"] == [{"topic": "t", "fromSeq": 3, "oldestSeq": 6}]
+
+
+def test_resume_with_nothing_retained_reports_latest_plus_one():
+    """With history off, the whole gap is missed and oldestSeq is latest + 1."""
+    broker, _ = make_broker(history_messages=0)
+    old, ready = fake_client(broker, topics=["t"])
+    detach(broker, old)
+    publish_n(broker, "t", 4)
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0,
+                        "missed": [{"topic": "t", "fromSeq": 1, "oldestSeq": 5}]}]
+
+
+def test_live_delivery_continues_after_resumed():
+    """After resumed, new messages of the session's topics reach the new connection live, once."""
+    broker, _ = make_broker()
+    old, ready = fake_client(broker, topics=["t"])
+    detach(broker, old)
+    publish_n(broker, "t", 2)
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies) == [1, 2]
+    publish_n(broker, "t", 2)
+    assert seqs_of(take(new)) == [3, 4]
+    assert new.topics == {"t"} and broker.stats()["subscriptions"] == 1
+    assert broker.sessions[ready["sessionId"]].client is new
+    # The new connection's own session from its setup was replaced by the resumed one.
+    assert len(broker.sessions) == 1
+
+
+def test_resume_on_a_connection_already_subscribed_replays_only_before_its_subscription():
+    """For a topic the new connection already receives live, resume replays only what came before that subscription."""
+    broker, _ = make_broker()
+    old, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 1)
+    take(old)
+    detach(broker, old)
+    publish_n(broker, "t", 2)  # 2, 3: missed
+    new, _ = fake_client(broker, topics=["t"])  # subscribed at 3
+    publish_n(broker, "t", 1)  # 4: live on the new connection
+    assert seqs_of(take(new)) == [4]
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies) == [2, 3]
+    publish_n(broker, "t", 1)
+    assert seqs_of(take(new)) == [5]
+
+
+def test_resume_gap_starting_at_oldest_retained_is_not_missed():
+    """When history still holds the first seqNo of the gap (fromSeq == oldestSeq), nothing is reported missed."""
+    broker, _ = make_broker(history_messages=3)
+    old, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 2)
+    take(old)
+    detach(broker, old)
+    publish_n(broker, "t", 3)  # 3..5; history keeps 3..5: the gap exactly
+    new, _ = fake_client(broker)
+    replies = send(broker, new, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert seqs_of(replies) == [3, 4, 5] and replies[-1]["missed"] == []
+
+
+def test_resume_of_own_attached_session_replays_nothing_already_received():
+    """resume of the session this very connection holds sends nothing it already received live."""
+    broker, _ = make_broker()
+    client, ready = fake_client(broker, topics=["t"])
+    publish_n(broker, "t", 3)
+    assert seqs_of(take(client)) == [1, 2, 3]
+    replies = send(broker, client, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": []}]
+    publish_n(broker, "t", 1)
+    assert seqs_of(take(client)) == [4] and broker.sessions[ready["sessionId"]].client is client
+
+
+def test_max_sessions_drops_the_oldest_detached_session():
+    """With max_sessions=2, a third detached session pushes out the oldest, whose resume is then SESSION_EXPIRED."""
+    broker, clock = make_broker(max_sessions=2)
+    ids = []
+    for _ in range(3):
+        client, ready = fake_client(broker, topics=["t"])
+        ids.append(ready["sessionId"])
+        clock.advance(1)
+        detach(broker, client)
+    assert set(broker.sessions) == set(ids[1:])
+    new, _ = fake_client(broker)
+    assert [r.get("code") for r in send(broker, new, {"type": "resume", "sessionId": ids[0]})] == ["SESSION_EXPIRED"]
+    assert send(broker, new, {"type": "resume", "sessionId": ids[1]})[-1]["type"] == "resumed"
+
+
+def test_takeover_in_broker():
+    """resume of a session attached to another live connection detaches that one and asks for close 4002."""
+    broker, _ = make_broker()
+    first, ready = fake_client(broker, topics=["t"])
+    second, _ = fake_client(broker)
+    replies = send(broker, second, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert replies[-1]["type"] == "resumed"
+    assert first.close_request == ms.CloseCode.SESSION_TAKEN_OVER and first.broker is None
+    publish_n(broker, "t", 1)
+    assert seqs_of(take(second)) == [1] and first.out == []
+    assert broker.stats()["connections"] == 1 and broker.stats()["subscriptions"] == 1
+
+
+def test_takeover_end_to_end_closes_old_connection_with_4002():
+    """A websockets client whose session is resumed elsewhere sees close code 4002; the new one gets the messages."""
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server), ping_interval=None) as first, connect(ws_url(server), ping_interval=None) as second:
+                ready = await setup(first, "alice", topics=["t"])
+                assert (await recv_json(first))["type"] == "subscribed"
+                await setup(second, "alice")
+                resumed = await request(second, {"type": "resume", "sessionId": ready["sessionId"]})
+                assert resumed["type"] == "resumed" and resumed["topics"] == ["t"]
+                await asyncio.wait_for(first.wait_closed(), 10)
+                assert first.close_code == 4002
+                server.publish("t", "after", message_id="m")
+                msg = await recv_json(second)
+                assert (msg["type"], msg["seqNo"], msg["data"]) == ("message", 1, "after")
+            await eventually(lambda: not server.connections, what="connections to close")
+            assert server.broker.disconnects[4002] == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_resume_while_publishers_keep_publishing_sees_every_seq_exactly_once(how):
+    """KEY: two publishers publish throughout a disconnect (clean or dropped TCP), reconnect, setup and resume; the client sees every seqNo once, in order."""
+
+    async def main():
+        async with serving(history_messages=100_000, publish_rate=0) as server:
+            url = ws_url(server)
+            stop = asyncio.Event()
+
+            progress = {"seen": 0, "during_gap": 0}
+
+            async def python_publisher():
+                i = 0
+                while not stop.is_set():
+                    # Stay at most 1000 messages ahead of what the consumer has read (it would be a
+                    # slow consumer otherwise): that still leaves room to publish all through its gap.
+                    if server.broker.seq.get("t", 0) - progress["seen"] < 1000:
+                        server.publish("t", {"from": "py", "i": i})
+                        i += 1
+                    await asyncio.sleep(0)  # yield to the loop: the publisher runs alongside everything
+                return i
+
+            async def ws_publisher():
+                async with connect(url, ping_interval=None) as pub:
+                    await setup(pub, "bob")
+                    i = 0
+                    while not stop.is_set():
+                        if server.broker.seq.get("t", 0) - progress["seen"] >= 1000:
+                            await asyncio.sleep(0)
+                            continue
+                        ack = await request(pub, {"type": "publish", "topic": "t", "messageId": f"b{i}", "payload": i})
+                        assert ack["type"] == "ack" and ack["status"] == "ok", ack
+                        i += 1
+                    return i
+
+            async def consumer() -> tuple[list[int], dict]:
+                seen: list[int] = []
+                # max_queue=None: websockets stops reading when 16 messages wait unread, and would
+                # then not see the server's close frame behind them until its close timeout.
+                first = await connect(url, ping_interval=None, max_queue=None)
+                ready = await setup(first, "alice", topics=["t"])
+                start = (await recv_json(first))["seqNo"]
+                while len(seen) < 300:
+                    seen.append(seq_of_text(await asyncio.wait_for(first.recv(), 5)))
+                    progress["seen"] = seen[-1]
+                gap_start = server.broker.seq["t"]
+                if how == "close":  # disconnect; more messages are published meanwhile
+                    await first.close()
+                else:
+                    first.transport.abort()
+                second = await connect(url, ping_interval=None)
+                await setup(second, "alice")
+                await second.send(json.dumps({"type": "resume", "sessionId": ready["sessionId"], "lastSeqPerTopic": {"t": seen[-1]}}))
+                replayed = 0
+                while True:
+                    text = await asyncio.wait_for(second.recv(), 5)
+                    if text.startswith('{"type":"resumed"'):
+                        resumed = json.loads(text)
+                        break
+                    seen.append(seq_of_text(text))
+                    replayed += 1
+                progress["seen"] = seen[-1]
+                progress["during_gap"] = seen[-1] - gap_start
+                assert resumed["replayed"] == replayed and resumed["missed"] == []
+                live = 0
+                while live < 300:
+                    seen.append(seq_of_text(await asyncio.wait_for(second.recv(), 5)))
+                    progress["seen"] = seen[-1]
+                    live += 1
+                stop.set()
+                # Drain to the very last message published.
+                while seen[-1] < server.broker.seq["t"]:
+                    seen.append(seq_of_text(await asyncio.wait_for(second.recv(), 5)))
+                await second.close()
+                return [start] + seen, resumed
+
+            py, wsp, (seen, resumed) = await asyncio.gather(python_publisher(), ws_publisher(), consumer())
+            start, seen = seen[0], seen[1:]
+            assert seen == list(range(start + 1, server.broker.seq["t"] + 1))
+            assert resumed["replayed"] > 0 and progress["during_gap"] > 0  # published during the gap
+            assert py > 0 and wsp > 0 and py + wsp == server.broker.seq["t"]
+
+    run(main(), timeout=50)
+
+
+# === 14. Flow control and liveness =================================================================
+
+
+def test_slow_consumer_is_closed_4001_others_get_everything_and_it_resumes():
+    """A raw client that stops reading is closed with 4001 while 50 others get every message; it then resumes with nothing missing."""
+
+    async def main():
+        async with serving(max_buffer=256 << 10, history_messages=10_000) as server:
+            broker = server.broker
+            slow = await AsyncRaw.open(server.port)
+            assert (await slow.handshake())[0] == 101
+            ready = await slow.setup("slow", topics=["big"])
+            session = broker.sessions[ready["sessionId"]]
+            # From here on `slow` reads nothing: the kernel buffers fill up, then the server's.
+
+            n_fast = 50
+            fast = [await connect(ws_url(server), ping_interval=None) for _ in range(n_fast)]
+            got: list[list[int]] = [[] for _ in range(n_fast)]
+            arrived: dict[int, int] = {}
+            all_arrived = {"seq": 0, "event": asyncio.Event()}
+
+            async def reader(i: int, ws) -> None:
+                while True:
+                    seq = seq_of_text(await ws.recv())
+                    got[i].append(seq)
+                    arrived[seq] = arrived.get(seq, 0) + 1
+                    if seq == all_arrived["seq"] and arrived[seq] == n_fast:
+                        all_arrived["event"].set()
+
+            for i, ws in enumerate(fast):
+                await setup(ws, f"fast{i}", topics=["big"])
+                assert (await recv_json(ws))["type"] == "subscribed"
+            readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(fast)]
+
+            async def publish_one() -> int:
+                all_arrived["event"] = asyncio.Event()
+                all_arrived["seq"] = broker.seq.get("big", 0) + 1
+                result = server.publish("big", {"pad": "x" * (16 << 10)})
+                assert result.seq_no == all_arrived["seq"]
+                # Every fast subscriber gets it while the slow one is stuck: nobody waits for it.
+                await asyncio.wait_for(all_arrived["event"].wait(), 10)
+                return result.seq_no
+
+            published = 0
+            while session.client is not None:  # until the slow one is cut (about 4 MiB of kernel buffers)
+                assert published < 2000, "the slow consumer was never closed"
+                published = await publish_one()
+            assert broker.connections == n_fast  # the slow one is gone at once, before its close handshake
+            for _ in range(20):  # the others go on
+                published = await publish_one()
+
+            # The slow client finally reads: what was written before the cut, then close 4001.
+            read = []
+            while True:
+                frame = await asyncio.wait_for(slow.recv_frame(), 10)
+                if frame.opcode == ms.Opcode.CLOSE:
+                    assert ms.parse_close(frame.payload)[0] == ms.CloseCode.SLOW_CONSUMER
+                    break
+                read.append(seq_of_text(frame.payload.decode()))
+            await slow.send(masked(ms.Opcode.CLOSE, ms.serialize_close(1000)))
+            assert await asyncio.wait_for(slow.at_eof(), 10)
+            slow.close()
+            assert read == list(range(1, len(read) + 1)) and len(read) < published
+            await eventually(lambda: broker.disconnects[4001] == 1, what="the 4001 disconnect to be counted")
+
+            for task in readers:
+                task.cancel()
+            for i in range(n_fast):
+                assert got[i] == list(range(1, published + 1)), f"fast subscriber {i} missed or repeated messages"
+
+            # It resumes on a new connection from what it actually read: nothing is missing, nothing doubled.
+            async with connect(ws_url(server), ping_interval=None, max_queue=None) as again:
+                await setup(again, "slow")
+                last = read[-1] if read else 0
+                await again.send(json.dumps({"type": "resume", "sessionId": ready["sessionId"], "lastSeqPerTopic": {"big": last}}))
+                replayed = []
+                while True:
+                    text = await asyncio.wait_for(again.recv(), 10)
+                    if text.startswith('{"type":"resumed"'):
+                        resumed = json.loads(text)
+                        break
+                    replayed.append(seq_of_text(text))
+                assert resumed["replayed"] == len(replayed) and resumed["missed"] == []
+                server.publish("big", {"pad": "live"})
+                live = seq_of_text(await asyncio.wait_for(again.recv(), 10))
+            assert read + replayed + [live] == list(range(1, published + 2))
+            for ws in fast:
+                await ws.close()
+            metrics = broker.metrics()
+            assert 'microsocket_disconnects_total{code="4001"} 1' in metrics
+
+    run(main(), timeout=55)
+
+
+def test_resume_bigger_than_max_buffer_then_live_message_is_not_a_slow_consumer():
+    """A client that reads at full speed, resuming a 16 MiB gap with max_buffer=64 KiB, gets the replay and the next live message, not 4001."""
+
+    async def main():
+        async with serving(max_buffer=64 << 10, history_messages=10_000) as server:
+            async with connect(ws_url(server), ping_interval=None) as old:
+                ready = await setup(old, "alice", topics=["big"])
+                await recv_json(old)
+            await eventually(lambda: server.broker.sessions[ready["sessionId"]].client is None, what="detach")
+            for _ in range(1000):  # the gap: 1000 x 16 KiB
+                server.publish("big", {"pad": "x" * (16 << 10)})
+            async with connect(ws_url(server), ping_interval=None, max_queue=None) as new:
+                await setup(new, "alice")
+                await new.send(json.dumps({"type": "resume", "sessionId": ready["sessionId"]}))
+                await eventually(lambda: server.broker.replayed == 1000, what="the resume to be handled")
+                server.publish("big", {"live": True})  # publishing goes on while the replay is in flight
+                seqs = []
+                while True:
+                    text = await asyncio.wait_for(new.recv(), 10)
+                    if text.startswith('{"type":"resumed"'):
+                        continue
+                    seqs.append(seq_of_text(text))
+                    if seqs[-1] == 1001:
+                        break
+                assert seqs == list(range(1, 1002))
+
+    run(main())
+
+
+def test_keepalive_silent_client_is_pinged_then_closed_1011_and_its_session_resumes():
+    """A raw client that never sends anything gets a ping, then close 1011; its session stays resumable."""
+
+    async def main():
+        async with serving(ping_interval=1, ping_timeout=1) as server:
+            raw = await AsyncRaw.open(server.port)
+            assert (await raw.handshake())[0] == 101
+            ready = await raw.setup("alice", topics=["t"])
+            first = await asyncio.wait_for(raw.recv_frame(), 10)
+            assert first.opcode == ms.Opcode.PING
+            second = await asyncio.wait_for(raw.recv_frame(), 10)
+            assert second.opcode == ms.Opcode.CLOSE and ms.parse_close(second.payload)[0] == 1011
+            raw.close()
+            session = server.broker.sessions[ready["sessionId"]]
+            assert session.client is None  # detached, not dropped
+            server.publish("t", "while away")
+            async with connect(ws_url(server), ping_interval=None) as ws:
+                await setup(ws, "alice")
+                await ws.send(json.dumps({"type": "resume", "sessionId": ready["sessionId"]}))
+                msg = await recv_json(ws)
+                assert (msg["type"], msg["seqNo"], msg["data"]) == ("message", 1, "while away")
+                assert (await recv_json(ws))["type"] == "resumed"
+
+    run(main())
+
+
+class _Count(logging.Handler):
+    """Counts the log records whose message starts with a prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.prefix = prefix
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.count += 1
+
+
+def test_keepalive_answering_clients_stay_open_across_several_pings():
+    """A websockets client (automatic pongs) and a raw client answering pings by hand stay open across 3 pings."""
+
+    async def main():
+        async with serving(ping_interval=1, ping_timeout=1) as server:
+            logger = logging.getLogger("test_part_c.keepalive")
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+            pings = _Count("< PING")
+            logger.addHandler(pings)
+            try:
+                async with connect(ws_url(server), ping_interval=None, logger=logger) as ws:
+                    await setup(ws, "alice")
+                    raw = await AsyncRaw.open(server.port)
+                    assert (await raw.handshake())[0] == 101
+                    await raw.setup("bob")
+                    answered = 0
+                    while answered < 3:
+                        frame = await asyncio.wait_for(raw.recv_frame(), 10)
+                        assert frame.opcode == ms.Opcode.PING, frame
+                        await raw.send(masked(ms.Opcode.PONG, frame.payload))
+                        answered += 1
+                    await eventually(lambda: pings.count >= 3, what="the websockets client to see 3 pings")
+                    assert (await request(ws, {"type": "ping"}))["type"] == "pong"
+                    assert (await request(ws, {"type": "subscribe", "topic": "t"}))["type"] == "subscribed"
+                    assert server.broker.connections == 2 and not server.broker.disconnects
+                    raw.close()
+            finally:
+                logger.removeHandler(pings)
+
+    run(main())
+
+
+def test_keepalive_sweep_right_after_takeover_does_not_crash():
+    """A sweep that falls due for a just-taken-over connection (same loop turn, before its 4002 is flushed) does not raise."""
+
+    async def main():
+        interval = 3600.0  # no natural sweep pings anyone during the test; the test plays the sweeps
+        async with serving(ping_interval=interval) as server:
+            async with connect(ws_url(server), ping_interval=None) as old, connect(ws_url(server), ping_interval=None) as new:
+                old_ready = await setup(old, "alice", topics=["t"])
+                await recv_json(old)
+                new_ready = await setup(new, "alice")
+                conns = {c.session.id: c for c in server.connections if c.session is not None}
+                old_conn, new_conn = conns[old_ready["sessionId"]], conns[new_ready["sessionId"]]
+                now = asyncio.get_running_loop().time()
+                old_conn.tick(now)  # a sweep: `old` was active, so it counts as idle from now on
+                # Later, in one loop turn: `new`'s resume arrives (data_received), then the sweep that
+                # finds `old` idle for the ping interval runs, before the flush that sends 4002.
+                server.broker.handle(new_conn, json.dumps({"type": "resume", "sessionId": old_ready["sessionId"]}))
+                old_conn.tick(now + 2 * interval)
+                await asyncio.wait_for(old.wait_closed(), 10)
+                assert old.close_code == 4002
+                assert (await recv_json(new))["type"] == "resumed"
+
+    run(main())
+
+
+def test_setup_timeout_closes_4000():
+    """A WebSocket that sends no setup within setup_timeout is closed with 4000."""
+
+    async def main():
+        async with serving(setup_timeout=1) as server:
+            async with connect(ws_url(server), ping_interval=None) as ws:
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                assert ws.close_code == 4000
+            async with connect(ws_url(server), ping_interval=None) as ok:  # set up in time: stays open
+                await setup(ok, "alice")
+                closing = await AsyncRaw.open(server.port)  # a witness that the deadline passed
+                assert (await closing.handshake())[0] == 101
+                frame = await asyncio.wait_for(closing.recv_frame(), 10)
+                assert ms.parse_close(frame.payload)[0] == 4000
+                closing.close()
+                assert (await request(ok, {"type": "ping"}))["type"] == "pong"
+
+    run(main())
+
+
+def test_handshake_timeout_cuts_incomplete_request_head():
+    """A client that sends only part of its request head (slowloris) has its TCP connection closed."""
+
+    async def main():
+        async with serving(handshake_timeout=1) as server:
+            raw = await AsyncRaw.open(server.port)
+            await raw.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            assert await asyncio.wait_for(raw.at_eof(), 10)
+            assert raw.buffer == b""  # no response at all: the head never ended
+            raw.close()
+            await eventually(lambda: not server.connections, what="the connection to be dropped")
+            assert server.broker.connections == 0
+
+    run(main())
+
+
+def test_rate_limit_token_bucket_and_retry_with_same_message_id():
+    """With rate 10/s and burst 5, the 6th immediate publish is RATE_LIMITED and not remembered; a later retry is accepted."""
+    broker, clock = make_broker(publish_rate=10, publish_burst=5)
+    client, _ = fake_client(broker, topics=["t"])
+    for i in range(1, 6):
+        replies = send(broker, client, {"type": "publish", "topic": "t", "messageId": f"m{i}", "payload": i})
+        assert replies[-1] == {"type": "ack", "messageId": f"m{i}", "status": "ok", "seqNo": i}
+    replies = send(broker, client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6, "id": 9})
+    assert len(replies) == 1, replies  # no message frame: nothing was processed
+    error = replies[0]
+    assert (error["type"], error["code"], error["messageId"], error["topic"], error["id"]) == ("error", "RATE_LIMITED", "m6", "t", 9)
+    assert broker.seq["t"] == 5 and broker.dedup.get("alice", "m6") is None
+    clock.advance(0.05)  # half a token: still refused
+    assert send(broker, client, {"type": "publish", "topic": "t", "messageId": "m6"})[0]["code"] == "RATE_LIMITED"
+    clock.advance(0.1)
+    replies = send(broker, client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6})
+    assert seqs_of(replies) == [6] and replies[-1] == {"type": "ack", "messageId": "m6", "status": "ok", "seqNo": 6}
+    clock.advance(1)
+    replies = send(broker, client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6})
+    assert replies == [{"type": "ack", "messageId": "m6", "status": "duplicate", "seqNo": 6}]
+    # The bucket is per connection: another connection of the same user has its own.
+    other, _ = fake_client(broker)
+    clock.advance(0)
+    for i in range(5):
+        assert send(broker, other, {"type": "publish", "topic": "u", "messageId": f"o{i}"})[-1]["status"] == "ok"
+    assert send(broker, client, {"type": "publish", "topic": "t", "messageId": "m7"})[-1]["status"] == "ok"
+
+
+def test_connection_limit_503_at_handshake():
+    """With max_connections=2, a third WebSocket handshake gets 503; after one closes, a new one is accepted."""
+
+    async def main():
+        async with serving(max_connections=2) as server:
+            a = await connect(ws_url(server), ping_interval=None)
+            b = await connect(ws_url(server), ping_interval=None)
+            third = await AsyncRaw.open(server.port)
+            status, headers = await third.handshake()
+            assert status == 503 and headers.get("retry-after") == "1"
+            third.close()
+            with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+                await connect(ws_url(server), ping_interval=None)
+            assert info.value.response.status_code == 503
+            status, _, _ = await aio_http_get(server.port, "/healthz")  # plain HTTP is not limited
+            assert status == 200
+            await a.close()
+            await eventually(lambda: server.broker.connections == 1, what="a connection to close")
+            async with connect(ws_url(server), ping_interval=None) as c:
+                await setup(c, "carol")
+            await b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("origin, status", [("Origin: http://evil", 403), ("Origin: http://good", 101), (None, 101)])
+def test_allowed_origins(origin, status):
+    """With allowed_origins=("http://good",), another Origin gets 403; http://good and no Origin are accepted."""
+
+    async def main():
+        async with serving(allowed_origins=("http://good",)) as server:
+            raw = await AsyncRaw.open(server.port)
+            got, _ = await raw.handshake("/ws", *([origin] if origin else []))
+            assert got == status
+            if status == 101:
+                await raw.setup("alice")
+            raw.close()
+
+    run(main())
+
+
+def test_graceful_shutdown_closes_everyone_with_1001():
+    """server.close() sends 1001 to every client (websockets and raw) and leaves no connection behind."""
+
+    async def main():
+        async with serving() as server:
+            clients = [await connect(ws_url(server), ping_interval=None) for _ in range(3)]
+            for i, ws in enumerate(clients):
+                await setup(ws, f"u{i}", topics=["t"])
+                await recv_json(ws)
+            unset = await connect(ws_url(server), ping_interval=None)  # not even set up
+            raw = await AsyncRaw.open(server.port)
+            assert (await raw.handshake())[0] == 101
+            await raw.setup("raw")
+
+            async def raw_answers_close() -> int:
+                frame = await asyncio.wait_for(raw.recv_frame(), 10)
+                assert frame.opcode == ms.Opcode.CLOSE
+                await raw.send(masked(ms.Opcode.CLOSE, frame.payload))
+                return ms.parse_close(frame.payload)[0]
+
+            _, raw_code = await asyncio.gather(server.close(), raw_answers_close())
+            assert raw_code == 1001
+            for ws in clients + [unset]:
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                assert ws.close_code == 1001
+            raw.close()
+            assert not server.connections and server.broker.connections == 0
+            assert server.broker.disconnects[1001] == 5
+            with pytest.raises(OSError):
+                await connect(ws_url(server), ping_interval=None, open_timeout=2)  # no longer listening
+
+    run(main())
+
+
+# === 14. TLS =======================================================================================
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command line: (certfile, keyfile)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the TLS test needs the openssl command line to make a self-signed certificate")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return str(cert), str(key)
+
+
+def test_tls_wss_and_https(certificate):
+    """With certfile and keyfile, the port serves wss:// (setup and a publish round trip) and https:// (/healthz)."""
+    certfile, keyfile = certificate
+    context = ssl.create_default_context(cafile=certfile)  # trusts only this certificate; checks the IP
+
+    async def main():
+        async with serving(certfile=certfile, keyfile=keyfile) as server:
+            assert server.url.startswith("https://")
+            url = f"wss://127.0.0.1:{server.port}/ws"
+            async with connect(url, ssl=context, ping_interval=None) as ws:
+                await setup(ws, "alice", topics=["secure"])
+                assert (await recv_json(ws))["type"] == "subscribed"
+                await ws.send(json.dumps({"type": "publish", "topic": "secure", "messageId": "s1", "payload": {"x": 1}}))
+                msg, ack = await recv_json(ws), await recv_json(ws)
+                assert (msg["type"], msg["seqNo"], msg["data"]) == ("message", 1, {"x": 1})
+                assert ack == {"type": "ack", "messageId": "s1", "status": "ok", "seqNo": 1}
+
+            def https_get(path: str) -> tuple[int, bytes]:
+                with urllib.request.urlopen(f"https://127.0.0.1:{server.port}{path}", context=context, timeout=10) as response:
+                    return response.status, response.read()
+
+            assert await asyncio.to_thread(https_get, "/healthz") == (200, b"ok\n")
+            status, body = await asyncio.to_thread(https_get, "/stats")
+            assert status == 200 and json.loads(body)["published"] == 1
+            # Plain text on the TLS port gets no HTTP answer.
+            raw = await AsyncRaw.open(server.port)
+            await raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await asyncio.wait_for(raw.at_eof(), 10) and b"200 OK" not in raw.buffer
+            raw.close()
+
+    run(main())
+
+
+# === 12. Metrics ===================================================================================
+
+
+def test_metrics_prometheus_format_and_values():
+    """/metrics parses with prometheus_client and counts connections, messages, errors, disconnects and both latencies."""
+    parser = pytest.importorskip("prometheus_client.parser", reason="the /metrics format check needs prometheus_client")
+
+    async def main():
+        async with serving() as server:
+            async with connect(ws_url(server), ping_interval=None) as alice:
+                await setup(alice, "alice", topics=["t", "u"])
+                await recv_json(alice), await recv_json(alice)
+                for i in (1, 2, 3):
+                    await alice.send(json.dumps({"type": "publish", "topic": "t", "messageId": f"m{i}", "payload": i}))
+                    assert (await recv_json(alice))["type"] == "message"
+                    assert (await recv_json(alice))["status"] == "ok"
+                    await alice.send(json.dumps({"type": "ack", "topic": "t", "seqNo": i}))
+                assert (await request(alice, {"type": "publish", "topic": "t", "messageId": "m1"}))["status"] == "duplicate"
+                assert (await request(alice, {"type": "subscribe", "topic": "bad topic"}))["code"] == "INVALID_TOPIC"
+                assert (await request(alice, {"type": "nope"}))["code"] == "UNKNOWN_TYPE"
+                assert (await request(alice, {"type": "subscribe", "topic": "bad topic"}))["code"] == "INVALID_TOPIC"
+                await alice.send(json.dumps({"type": "replay", "topic": "t", "fromSeq": 2}))
+                assert [(await recv_json(alice))["type"] for _ in range(3)] == ["message", "message", "replayed"]
+                async with connect(ws_url(server), ping_interval=None) as bob:  # closes normally: 1000
+                    await setup(bob, "bob", topics=["t"])
+                await eventually(lambda: server.broker.disconnects[1000] == 1, what="bob's close to be counted")
+
+                status, headers, body = await aio_http_get(server.port, "/metrics")
+                stats = await get_json(server.port, "/stats")
+            return status, headers, body.decode(), stats
+
+    status, headers, text, stats = run(main())
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+
+    def value(name: str, sample: str = "", **labels: str) -> float:
+        """The one sample of family `name` (its `name + sample` series) with exactly these labels."""
+        family = families[name]
+        wanted = name + (sample or ("_total" if family.type == "counter" else ""))
+        matches = [s.value for s in family.samples if s.name == wanted and s.labels == labels]
+        assert len(matches) == 1, (name, labels, family.samples)
+        return matches[0]
+
+    for name in ("connections", "topics", "subscriptions", "sessions"):
+        assert families[f"microsocket_{name}"].type == "gauge"
+    assert value("microsocket_connections") == 1 and value("microsocket_topics") == 2
+    assert value("microsocket_subscriptions") == 2 and value("microsocket_sessions") == 2  # bob's is resumable
+    for name in ("published", "delivered", "replayed", "duplicates", "errors", "disconnects"):
+        assert families[f"microsocket_{name}"].type == "counter", name
+    assert value("microsocket_published") == 3 and value("microsocket_delivered") == 3
+    assert value("microsocket_replayed") == 2 and value("microsocket_duplicates") == 1
+    assert value("microsocket_errors", code="INVALID_TOPIC") == 2 and value("microsocket_errors", code="UNKNOWN_TYPE") == 1
+    assert value("microsocket_disconnects", code="1000") == 1
+    for name, count in (("delivery_latency_seconds", 3), ("ack_latency_seconds", 3)):
+        family = families[f"microsocket_{name}"]
+        assert family.type == "histogram"
+        buckets = [(s.labels["le"], s.value) for s in family.samples if s.name.endswith("_bucket")]
+        bounds = [float(le) for le, _ in buckets]
+        assert bounds == sorted(bounds) and buckets[-1][0] == "+Inf"
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts), f"{name} buckets are not cumulative"
+        assert counts[-1] == value(f"microsocket_{name}", "_count") == count
+        assert value(f"microsocket_{name}", "_sum") >= 0
+    for kind in ("delivery", "ack"):
+        summary = stats["latency"][kind]
+        assert summary["count"] == 3
+        assert 0 <= summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"], summary
+    assert (stats["connections"], stats["topics"], stats["subscriptions"]) == (1, 2, 2)
+
+
+def test_metrics_latency_histograms_are_bounded_and_percentiles_sane():
+    """The latency histograms keep fixed buckets however many observations, and percentiles follow the data."""
+    broker, clock = make_broker()
+    client, _ = fake_client(broker, topics=["t"])
+    for i in range(2000):
+        broker.publish("p", "t", f"m{i}", i)
+        clock.advance(0.002 if i % 10 else 0.2)  # 90 % take 2 ms, 10 % take 200 ms
+        broker.flushed(clock())
+        take(client)
+    summary = broker.stats()["latency"]["delivery"]
+    assert summary["count"] == 2000 and len(broker.delivery_latency.counts) == len(ms.Histogram.BOUNDS) + 1
+    assert 1 <= summary["p50_ms"] <= 2.5 and 100 <= summary["p99_ms"] <= 250
+    assert broker.stats()["latency"]["ack"] == {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None}
+
+
+# === Robustness ================================================================================
+#
+# The property test below runs a reference model of the broker beside a real sans-I/O Broker and
+# compares, after every step, every frame each fake connection received, plus the counters. The
+# model is written from the SPEC and README (positions, history bounds, takeover, TTL), not from the
+# code's data structures.
+
+PROP_TOPICS = ("a", "b", "c")
+PROP_USERS = ("u0", "u1")
+PROP_SLOTS = 4
+PROP_TTL = 5
+
+
+class BrokerModel:
+    """A fake-clock Broker, up to PROP_SLOTS fake connections, and what the SPEC says each should see."""
+
+    def __init__(self, history: int) -> None:
+        self.broker, self.clock = make_broker(
+            history_messages=history, history_age=1e9, dedup_window=1e9, publish_rate=0, session_ttl=PROP_TTL
+        )
+        self.history = history
+        self.slots: list[dict | None] = [None] * PROP_SLOTS  # {"client", "user", "session", "topics", "live"}
+        self.sessions: dict[str, dict] = {}  # id -> {"user", "slot", "positions": {t: [start, acked, handed]}, "detached_at"}
+        self.known_ids: list[str] = []  # every sessionId ever handed out, for resume attempts
+        self.latest: dict[str, int] = {}
+        self.dedup: dict[tuple[str, str], int] = {}
+        # (sessionId, topic) -> [start, seqNos received, exact]: while exact, the seqNos must be
+        # start+1, start+2, ... with no gap and no repeat, across the connections of that session.
+        self.streams: dict[tuple[str, str], list] = {}
+        self.server_ids = 0
+
+    # -- model helpers
+
+    def oldest(self, topic: str) -> int | None:
+        latest = self.latest.get(topic, 0)
+        return max(1, latest - self.history + 1) if latest else None
+
+    def expire(self) -> None:
+        now = self.clock()
+        for sid, s in list(self.sessions.items()):
+            if s["slot"] is None and now - s["detached_at"] >= PROP_TTL:
+                del self.sessions[sid]
+
+    def detach(self, slot: int, reliable: bool) -> None:
+        conn = self.slots[slot]
+        session = self.sessions.get(conn["session"])
+        if session is not None and session["slot"] == slot:
+            for topic, position in session["positions"].items():
+                position[2] = self.latest.get(topic, 0) if reliable else None
+            session["slot"] = None
+            session["detached_at"] = self.clock()
+            self.expire()
+        self.slots[slot] = None
+
+    def received(self, slot: int, messages: list[dict], replay: bool) -> None:
+        """Record message frames a connection got: per-topic live order, and its session's streams."""
+        conn = self.slots[slot]
+        for m in messages:
+            if m["type"] != "message":
+                continue
+            topic, seq = m["topic"], m["seqNo"]
+            if not replay:
+                assert seq > conn["live"].get(topic, 0), f"live {topic} seqNo {seq} after {conn['live'].get(topic)}"
+                conn["live"][topic] = seq
+            stream = self.streams.get((conn["session"], topic))
+            if stream is not None:
+                stream[1].append(seq)
+
+    def subscribed(self, slot: int, topic: str) -> None:
+        conn = self.slots[slot]
+        if topic in conn["topics"]:
+            return
+        conn["topics"].add(topic)
+        latest = self.latest.get(topic, 0)
+        self.sessions[conn["session"]]["positions"].setdefault(topic, [latest, 0, None])
+        self.streams[(conn["session"], topic)] = [latest, [], True]
+
+    # -- the steps
+
+    def step(self, action: tuple) -> None:
+        kind, args = action[0], action[1:]
+        if kind not in ("connect", "disconnect", "server_publish", "tick") and self.slots[args[0]] is None:
+            # An action on a slot with no connection first opens one (as that slot's usual user):
+            # a reconnecting client, which keeps the random walk among live connections.
+            self.do_connect(args[0], PROP_USERS[args[0] % 2], [])
+            self.check()
+        getattr(self, "do_" + kind)(*args)
+        self.check()
+
+    def do_connect(self, slot: int, user: str, topics: list[str]) -> None:
+        conn = self.slots[slot]
+        if conn is not None:  # a second setup on the same connection
+            replies = send(self.broker, conn["client"], {"type": "setup", "token": user})
+            assert [(r["type"], r["code"]) for r in replies] == [("error", "ALREADY_SETUP")]
+            return
+        client = ms.Client(self.broker)
+        self.broker.connect(client)
+        replies = send(self.broker, client, {"type": "setup", "token": user, "topics": topics})
+        ready = replies[0]
+        assert (ready["type"], ready["userId"], ready["epoch"]) == ("ready", user, self.broker.epoch)
+        sid = ready["sessionId"]
+        assert sid not in self.known_ids
+        self.known_ids.append(sid)
+        self.sessions[sid] = {"user": user, "slot": slot, "positions": {}, "detached_at": 0.0}
+        self.slots[slot] = {"client": client, "user": user, "session": sid, "topics": set(), "live": {}}
+        unique = list(dict.fromkeys(topics))
+        assert replies[1:] == [{"type": "subscribed", "topic": t, "seqNo": self.latest.get(t, 0)} for t in unique]
+        for topic in unique:
+            self.subscribed(slot, topic)
+
+    def do_subscribe(self, slot: int, topic: str) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        replies = send(self.broker, conn["client"], {"type": "subscribe", "topic": topic})
+        assert replies == [{"type": "subscribed", "topic": topic, "seqNo": self.latest.get(topic, 0)}]
+        self.subscribed(slot, topic)
+
+    def do_unsubscribe(self, slot: int, topic: str) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        replies = send(self.broker, conn["client"], {"type": "unsubscribe", "topic": topic})
+        assert replies == [{"type": "unsubscribed", "topic": topic}]
+        if topic in conn["topics"]:
+            conn["topics"].discard(topic)
+            self.sessions[conn["session"]]["positions"].pop(topic)
+            del self.streams[(conn["session"], topic)]
+
+    def _fan_out(self, topic: str, message_id: str, data, publisher: int | None) -> tuple[dict, dict[int, list[dict]]]:
+        """Publish in the model: (the ack, the frames each other live slot must have received)."""
+        user = self.slots[publisher]["user"] if publisher is not None else "server"
+        key = (user, message_id)
+        if key in self.dedup:
+            return {"type": "ack", "messageId": message_id, "status": "duplicate", "seqNo": self.dedup[key]}, {}
+        seq = self.latest[topic] = self.latest.get(topic, 0) + 1
+        self.dedup[key] = seq
+        frame = {"type": "message", "topic": topic, "seqNo": seq, "messageId": message_id, "data": data}
+        expected = {i: [frame] for i, c in enumerate(self.slots) if c is not None and topic in c["topics"]}
+        return {"type": "ack", "messageId": message_id, "status": "ok", "seqNo": seq}, expected
+
+    def _check_fan_out(self, expected: dict[int, list[dict]], skip: int | None) -> None:
+        for i, conn in enumerate(self.slots):
+            if conn is None or i == skip:
+                continue
+            got = take(conn["client"])
+            assert got == expected.get(i, []), f"slot {i}: {got} != {expected.get(i, [])}"
+            self.received(i, got, replay=False)
+
+    def do_publish(self, slot: int, topic: str, k: int) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        message_id = f"m{k}"
+        ack, expected = self._fan_out(topic, message_id, k, slot)
+        replies = send(self.broker, conn["client"], {"type": "publish", "topic": topic, "messageId": message_id, "payload": k})
+        assert replies == expected.get(slot, []) + [ack]
+        self.received(slot, replies, replay=False)
+        self._check_fan_out(expected, skip=slot)
+
+    def do_server_publish(self, topic: str) -> None:
+        self.server_ids += 1
+        message_id = f"s{self.server_ids}"
+        ack, expected = self._fan_out(topic, message_id, None, None)
+        result = self.broker.publish("server", topic, message_id, None)
+        assert (result.status, result.seq_no, result.subscribers) == (ack["status"], ack["seqNo"], len(expected))
+        self._check_fan_out(expected, skip=None)
+
+    def do_ack(self, slot: int, topic: str, back: int) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        if conn["topics"]:  # mostly ack a topic it receives, as a client does
+            mine = sorted(conn["topics"])
+            topic = mine[PROP_TOPICS.index(topic) % len(mine)]
+        seq = max(0, self.latest.get(topic, 0) - back)
+        assert send(self.broker, conn["client"], {"type": "ack", "topic": topic, "seqNo": seq}) == []
+        position = self.sessions[conn["session"]]["positions"].get(topic)
+        if position is not None and position[1] < seq <= self.latest.get(topic, 0):
+            position[1] = seq
+
+    def do_replay(self, slot: int, topic: str, back: int) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        latest = self.latest.get(topic, 0)
+        from_seq = max(1, latest + 1 - back)
+        replies = send(self.broker, conn["client"], {"type": "replay", "topic": topic, "fromSeq": from_seq})
+        oldest = self.oldest(topic)
+        if from_seq <= latest and (oldest is None or from_seq < oldest):
+            assert replies == [{"type": "error", "code": "REPLAY_UNAVAILABLE", "message": replies[0].get("message"),
+                                "topic": topic, "oldestSeq": oldest or latest + 1}]
+            return
+        assert seqs_of(replies) == list(range(from_seq, latest + 1)) and len(replies) == latest - from_seq + 2
+        assert replies[-1] == {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": latest}
+        # A replay on request is the client's own business: not part of its live order or its session's stream.
+
+    def do_resume(self, slot: int, index: int, give_last: bool) -> None:
+        conn = self.slots[slot]
+        if conn is None or not self.known_ids:
+            return
+        # Mostly a session of this user (the interesting case), sometimes anyone's, or an unknown id.
+        mine = [s for s in self.known_ids if s in self.sessions and self.sessions[s]["user"] == conn["user"]]
+        candidates = mine * 3 + self.known_ids + ["bogus"]
+        sid = candidates[index % len(candidates)]
+        self.expire()
+        target = self.sessions.get(sid)
+        given = {}
+        if target is not None and give_last:
+            for topic in target["positions"]:
+                start, got, _ = self.streams[(sid, topic)]
+                given[topic] = got[-1] if got else start
+        msg = {"type": "resume", "sessionId": sid}
+        if give_last:
+            msg["lastSeqPerTopic"] = given
+        if target is None or target["user"] != conn["user"]:
+            replies = send(self.broker, conn["client"], msg)
+            assert [(r["type"], r["code"]) for r in replies] == [("error", "SESSION_EXPIRED")], replies
+            return
+        other = target["slot"] if target["slot"] != slot else None  # resuming its own session: no take-over
+        other_client = self.slots[other]["client"] if other is not None else None
+        if other is not None:  # take-over: the other connection goes, its positions are "handed"
+            self.detach(other, reliable=True)
+        own = self.sessions[conn["session"]]
+        topics = list(dict.fromkeys(list(target["positions"]) + list(given) + sorted(conn["topics"])))
+        expected_frames: dict[str, list[int]] = {}
+        missed = []
+        positions = {}
+        for topic in topics:
+            latest = self.latest.get(topic, 0)
+            if topic in given:
+                after = given[topic]
+            elif topic in target["positions"]:
+                start, acked, handed = target["positions"][topic]
+                after = acked or (handed if handed is not None else start)
+            else:
+                after = own["positions"][topic][0]
+            upto = own["positions"][topic][0] if topic in conn["topics"] else latest
+            acked = target["positions"][topic][1] if topic in target["positions"] else 0
+            positions[topic] = [upto, acked, None]
+            frames = []
+            if after < upto:
+                oldest = self.oldest(topic)
+                if oldest is None or after + 1 < oldest:
+                    missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest if oldest is not None else latest + 1})
+                if oldest is not None:
+                    frames = list(range(max(after + 1, oldest), upto + 1))
+            expected_frames[topic] = frames
+        replies = send(self.broker, conn["client"], msg)
+        if other_client is not None:
+            assert other_client.close_request == ms.CloseCode.SESSION_TAKEN_OVER and other_client.broker is None
+            assert take(other_client) == []
+        resumed = replies[-1]
+        assert resumed["type"] == "resumed" and all(r["type"] == "message" for r in replies[:-1]), replies
+        for topic in topics:
+            assert seqs_of(replies[:-1], topic) == expected_frames[topic], (topic, replies)
+        assert (resumed["sessionId"], sorted(resumed["topics"]), resumed["replayed"]) == (
+            sid, sorted(topics), sum(len(f) for f in expected_frames.values()))
+        assert sorted(resumed["missed"], key=lambda m: m["topic"]) == sorted(missed, key=lambda m: m["topic"])
+        # The connection now holds the resumed session; its own one from setup is gone.
+        old_topics = set(conn["topics"])
+        if conn["session"] != sid:
+            del self.sessions[conn["session"]]
+        for topic in topics:
+            stream = self.streams.pop((conn["session"], topic), None)
+            if topic in old_topics:  # it already received this topic live: order differs, the set does not
+                stream = self.streams.get((sid, topic)) or stream
+                if stream is not None:
+                    stream[2] = False
+                self.streams[(sid, topic)] = stream if stream is not None else [positions[topic][0], [], False]
+            elif (sid, topic) not in self.streams:
+                self.streams[(sid, topic)] = [given.get(topic, positions[topic][0]), [], True]
+            if topic not in given or any(m["topic"] == topic for m in missed):
+                self.streams[(sid, topic)][2] = False
+        conn["session"] = sid
+        conn["topics"] = set(topics)
+        target["positions"] = positions
+        target["slot"] = slot
+        self.received(slot, replies[:-1], replay=True)
+
+    def do_disconnect(self, slot: int, reliable: bool) -> None:
+        conn = self.slots[slot]
+        if conn is None:
+            return
+        assert take(conn["client"]) == []
+        self.broker.disconnect(conn["client"], reliable)
+        self.detach(slot, reliable)
+
+    def do_tick(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+        self.broker.expire_sessions()  # the server's sweep
+        self.expire()
+
+    # -- after every step
+
+    def check(self) -> None:
+        broker = self.broker
+        live = [c for c in self.slots if c is not None]
+        for conn in live:
+            assert conn["client"].out == [], "a frame nobody expected"
+            assert conn["client"].topics == conn["topics"]
+        stats = broker.stats()
+        recount_subs = sum(len(c["topics"]) for c in live)
+        recount_topics = len(set().union(*(c["topics"] for c in live))) if live else 0
+        assert (stats["connections"], stats["subscriptions"], stats["topics"]) == (len(live), recount_subs, recount_topics)
+        assert {t: {id(c) for c in subs} for t, subs in broker.topics.subscribers.items()} == {
+            t: {id(c["client"]) for c in live if t in c["topics"]} for t in set().union(*(c["topics"] for c in live))
+        } if live else broker.topics.subscribers == {}
+        assert set(broker.sessions) == set(self.sessions) and stats["sessions"] == len(self.sessions)
+        for sid, session in self.sessions.items():
+            real = broker.sessions[sid]
+            assert real.user_id == session["user"]
+            assert (real.client is None) == (session["slot"] is None)
+            if session["slot"] is not None:
+                assert real.client is self.slots[session["slot"]]["client"]
+            assert {t: list(p) for t, p in real.positions.items()} == session["positions"]
+        for (sid, topic), (start, got, exact) in self.streams.items():
+            if exact:
+                assert got == list(range(start + 1, start + 1 + len(got))), f"{sid} {topic}: after {start}: {got}"
+        assert broker.seq == {t: n for t, n in self.latest.items()}
+
+
+def test_broker_property_random_sessions_keep_order_and_continuity():
+    """Random setup/subscribe/unsubscribe/publish/ack/replay/resume/disconnect steps from 4 clients on 3 topics match the SPEC's model."""
+    pytest.importorskip("hypothesis", reason="the property test needs hypothesis (pip install hypothesis)")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    slot = st.integers(0, PROP_SLOTS - 1)
+    topic = st.sampled_from(PROP_TOPICS)
+    action = st.one_of(
+        st.tuples(st.just("connect"), slot, st.sampled_from(PROP_USERS), st.lists(topic, max_size=3)),
+        st.tuples(st.just("subscribe"), slot, topic),
+        st.tuples(st.just("unsubscribe"), slot, topic),
+        st.tuples(st.just("publish"), slot, topic, st.integers(0, 7)),
+        st.tuples(st.just("server_publish"), topic),
+        st.tuples(st.just("server_publish"), topic),  # twice: publishing is the common case
+        st.tuples(st.just("ack"), slot, topic, st.integers(-1, 4)),
+        st.tuples(st.just("replay"), slot, topic, st.integers(0, 8)),
+        st.tuples(st.just("resume"), slot, st.integers(0, 30), st.booleans()),
+        st.tuples(st.just("disconnect"), slot, st.booleans()),
+        st.tuples(st.just("tick"), st.sampled_from([0, 1, 2, 5])),
+    )
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @given(history=st.sampled_from([3, 1000]), actions=st.lists(action, min_size=20, max_size=60))
+    def check(history, actions):
+        model = BrokerModel(history)
+        for act in actions:
+            model.step(act)
+
+    check()
+
+
+def _random_client_bytes(rng: random.Random) -> bytes:
+    """Client-ish bytes: mostly well-formed masked frames of every opcode, some damaged, some noise, maybe cut short."""
+    parts = []
+    for _ in range(rng.randint(1, 6)):
+        roll = rng.random()
+        if roll < 0.1:
+            parts.append(rng.randbytes(rng.randint(0, 40)))
+            continue
+        opcode = rng.choice([0x0, 0x1, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3, 0xB])
+        kind = rng.random()
+        if opcode == 0x8 and kind < 0.5:
+            payload = rng.choice([1000, 1001, 1005, 1006, 999, 4000, 5000]).to_bytes(2, "big") + rng.choice([b"", b"bye", b"\xff"])
+        elif kind < 0.4:
+            payload = "".join(rng.choice("aé€😀{}\"") for _ in range(rng.randint(0, 50))).encode()
+        else:
+            payload = rng.randbytes(rng.choice([0, 1, 5, 125, 126, 200, 300]))
+        fin = rng.random() < 0.8
+        mask = rng.randbytes(4) if rng.random() < 0.95 else None
+        frame = bytearray(ms.serialize_frame(opcode, payload, fin, mask))
+        if rng.random() < 0.15:
+            frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+        parts.append(bytes(frame))
+    data = b"".join(parts)
+    if rng.random() < 0.3:
+        data = data[: rng.randint(0, len(data))]
+    return data
+
+
+def _feed(data: bytes, chunks: list[int], max_size: int) -> tuple[list, str, int | None, int | None, bytes]:
+    conn = ms.WebSocketConnection(max_size)
+    events = []
+    pos = 0
+    for size in chunks + [len(data)]:
+        events += conn.receive_data(data[pos : pos + size])
+        pos += size
+    return events, conn.state, conn.close_sent, conn.close_code, conn.data_to_send()
+
+
+def test_fuzz_websocket_connection_receive_data():
+    """Random and truncated client bytes (3000 seeds), whole or in random chunks, raise nothing and end OPEN or CLOSED with 1002/1007/1009 or an echoed close."""
+    for seed in range(3000):
+        rng = random.Random(seed)
+        data = _random_client_bytes(rng)
+        max_size = rng.choice([64, 1 << 20])
+        whole = _feed(data, [], max_size)
+        cuts = [rng.randint(0, 7) for _ in range(rng.randint(0, 30))]
+        chunked = _feed(data, cuts, max_size)
+        assert whole == chunked, f"seed {seed}: the result depends on how the bytes were split"
+        events, state, close_sent, close_code, out = whole
+        assert state in (ms.OPEN, ms.CLOSED), (seed, state)
+        for opcode, payload in events:
+            assert (opcode, type(payload)) in ((ms.Opcode.TEXT, str), (ms.Opcode.BINARY, bytes), (ms.Opcode.PONG, bytes)), seed
+        if state == ms.OPEN:
+            assert (close_sent, out) == (None, b""), seed
+        elif close_sent is not None:  # we failed the connection
+            assert close_sent in (1002, 1007, 1009), (seed, close_sent)
+            assert parse_frames(out) and ms.parse_close(parse_frames(out)[-1].payload)[0] == close_sent
+        else:  # the peer closed: its close frame is echoed
+            assert close_code is not None and ms.Frame.parse(out)[0].opcode == ms.Opcode.CLOSE, seed
+
+
+def test_fuzz_frame_parse_raises_only_protocol_errors():
+    """Frame.parse on random bytes (5000 seeds) returns None or a frame, or raises ProtocolError, nothing else."""
+    outcomes = set()
+    for seed in range(5000):
+        rng = random.Random(seed)
+        data = rng.randbytes(rng.randint(0, 20)) if seed % 2 else _random_client_bytes(rng)
+        try:
+            parsed = ms.Frame.parse(data, max_size=rng.choice([None, 100]))
+        except ms.ProtocolError as exc:
+            assert exc.code in (1002, 1009), exc
+            outcomes.add(exc.code)
+            continue
+        outcomes.add(None if parsed is None else "frame")
+        if parsed is not None:
+            frame, used = parsed
+            assert 2 <= used <= len(data) and len(frame.payload) <= used
+    assert outcomes == {None, "frame", 1002, 1009}  # every outcome was exercised
+
+
+def test_payload_nested_to_the_decoder_limit_is_never_internal_error():
+    """A publish whose payload nests as deep as JSON decoding allows is accepted or refused, never INTERNAL_ERROR, and a refusal publishes nothing."""
+    broker, _ = make_broker()
+    client, _ = fake_client(broker)
+    outcomes = set()
+    for depth in range(900, 1100):
+        before = broker.seq.get("t", 0)
+        nested = "[" * depth + "]" * depth
+        broker.handle(client, f'{{"type":"publish","topic":"t","messageId":"d{depth}","payload":{nested}}}')
+        reply = take(client)[-1]
+        outcomes.add(reply.get("code", reply["type"]))
+        if reply["type"] == "error":
+            assert broker.seq.get("t", 0) == before and broker.dedup.get("alice", f"d{depth}") is None
+    assert "INTERNAL_ERROR" not in outcomes and outcomes <= {"ack", "INVALID_MESSAGE", "INVALID_JSON"}
+    assert {"ack", "INVALID_JSON"} <= outcomes
+
+
+_FUZZ_TOPICS = ["t", "u", "t", "u", "", "a b", "x*", "é", "t" * 300, "\x00"]
+_FUZZ_REQUIRED = {"setup": ["token"], "subscribe": ["topic"], "unsubscribe": ["topic"], "presence": ["topic"],
+                  "publish": ["topic", "messageId"], "replay": ["topic", "fromSeq"], "resume": ["sessionId"],
+                  "ack": ["topic", "seqNo"], "refresh": ["token"]}
+
+
+def _fuzz_value(rng: random.Random, depth: int = 0):
+    """Any JSON value (integers within 2**62: a huge fromSeq hits the bug of test_replay_huge_from_seq_is_answered_replayed)."""
+    roll = rng.random()
+    if roll < 0.1 and depth < 3:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if roll < 0.2 and depth < 3:
+        return {rng.choice(["t", "u", "k", ""]): _fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    return rng.choice([
+        None, True, False, 0, -1, 1, 7, 2**62, -(2**62), 1.5, -0.0, 1e300, "", "t", "u", "a b", "é",
+        "x" * rng.randint(0, 300), "".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 8))),
+    ])
+
+
+def _fuzz_message(rng: random.Random, session: str, epoch: str) -> str:
+    """JSON-ish text: mostly messages of a real type with mostly well-formed fields, sometimes anything."""
+    roll = rng.random()
+    if roll < 0.05:
+        return "".join(chr(rng.randint(0, 0x7F)) for _ in range(rng.randint(0, 30)))  # not JSON (mostly)
+    if roll < 0.08:
+        return rng.choice(["NaN", '{"type": Infinity}', "[" * 5000 + "]" * 5000, '{"type":"ping"', "1e999", '"\ud800"'])
+    if roll < 0.13:
+        return json.dumps(_fuzz_value(rng))
+    kind = rng.choice(sorted(ms.CLIENT_TYPES)) if rng.random() < 0.9 else _fuzz_value(rng)
+    good = {
+        "id": lambda: rng.choice([1, "a", 0, 3.5]),
+        "token": lambda: rng.choice(["alice", "bob", "alice"]),
+        "topic": lambda: rng.choice(_FUZZ_TOPICS),
+        "topics": lambda: rng.sample(_FUZZ_TOPICS, rng.randint(0, 3)),
+        "messageId": lambda: rng.choice(["m1", "m2", "m3", "x" * 300]),
+        "payload": lambda: _fuzz_value(rng),
+        "fromSeq": lambda: rng.randint(-1, 9),
+        "epoch": lambda: rng.choice([epoch, "old"]),
+        "sessionId": lambda: rng.choice([session, session, "nope"]),
+        "lastSeqPerTopic": lambda: {rng.choice(_FUZZ_TOPICS): rng.randint(-1, 9) for _ in range(rng.randint(0, 2))},
+        "seqNo": lambda: rng.randint(-1, 9),
+    }
+    msg = {"type": kind}
+    needed = _FUZZ_REQUIRED.get(kind, []) if isinstance(kind, str) else []
+    for field, make in good.items():
+        if field in needed or rng.random() < 0.15:
+            msg[field] = make() if rng.random() < 0.8 else _fuzz_value(rng)
+    if rng.random() < 0.05:
+        del msg["type"]
+    return json.dumps(msg)
+
+
+def test_fuzz_broker_random_json_gives_only_spec_error_codes():
+    """Random JSON-ish text (400 seeds x 30 messages, two clients) into Broker.handle gets only SPEC replies, never INTERNAL_ERROR."""
+    seen = set()
+    for seed in range(400):
+        rng = random.Random(seed)
+        broker, clock = make_broker(history_messages=5)
+        gone, ready = fake_client(broker, "alice", topics=["t"])  # a detached session to resume
+        publish_n(broker, "t", 7)
+        detach(broker, gone)
+        clients = [fake_client(broker, None)[0], fake_client(broker, None)[0]]
+        for client, token in zip(clients, ("alice", "bob")):
+            if rng.random() < 0.8:
+                send(broker, client, {"type": "setup", "token": token})
+        for _ in range(30):
+            text = _fuzz_message(rng, ready["sessionId"], broker.epoch)
+            who = rng.randrange(2)
+            if clients[who].broker is None:  # taken over by the other's resume: it reconnects
+                clients[who] = fake_client(broker, None)[0]
+            broker.handle(clients[who], text)
+            clock.advance(rng.choice([0, 0.5, 200]))
+            for client in clients:
+                for reply in take(client) if client.broker is not None else []:
+                    assert reply["type"] in ms.SERVER_TYPES, (seed, text, reply)
+                    seen.add(reply.get("code", reply["type"]))
+                    if reply["type"] == "error":
+                        assert reply["code"] in ms.ERROR_CODES and reply["code"] != "INTERNAL_ERROR", (seed, text, reply)
+                        assert isinstance(reply["message"], str)
+            live = [c for c in clients if c.broker is not None]
+            stats = broker.stats()
+            assert stats["subscriptions"] == sum(len(c.topics) for c in live), seed
+            assert stats["topics"] == len(set().union(*(c.topics for c in live))), seed
+    # The fuzz reached every reply a client can get without JWT, ACLs or a backbone.
+    assert seen >= {"ready", "subscribed", "unsubscribed", "ack", "message", "replayed", "resumed", "refreshed",
+                    "presence", "pong", "AUTH_REQUIRED", "AUTH_FAILED", "ALREADY_SETUP", "INVALID_JSON", "UNKNOWN_TYPE",
+                    "INVALID_MESSAGE", "INVALID_TOPIC", "SESSION_EXPIRED", "REPLAY_UNAVAILABLE"}, seen
+
+
+# -- churn and killed clients
+
+_CHURN_SETUP = masked(ms.Opcode.TEXT, b'{"type":"setup","token":"churn","topics":["t","u"]}')
+_CHURN_CLOSE = masked(ms.Opcode.CLOSE, ms.serialize_close(1000))
+
+
+async def _churn_one(port: int) -> None:
+    """Handshake and setup in one write, wait for ready + 2 subscribed, close, read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode() + _CHURN_SETUP
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        data = b""
+        while data.count(b'"type"') < 3:  # ready, subscribed t, subscribed u
+            chunk = await reader.read(4096)
+            assert chunk, data
+            data += chunk
+        writer.write(_CHURN_CLOSE)
+        rest = await reader.read()  # the echoed close, then EOF: the server closes TCP first
+        assert ms.parse_close(ms.Frame.parse(rest)[0].payload)[0] == 1000
+    finally:
+        writer.close()
+
+
+async def _churn(port: int, total: int, batch: int = 200) -> None:
+    for _ in range(0, total, batch):
+        await asyncio.gather(*(_churn_one(port) for _ in range(batch)))
+
+
+def test_churn_10000_connections_leaves_stats_at_zero_and_memory_flat():
+    """10,000 connections (200 at a time) open, set up and close; /stats returns to 0 and memory grows < 1 MiB."""
+
+    async def main():
+        async with serving(session_ttl=0) as server:  # sessions would be kept for their TTL otherwise
+            await _churn(server.port, 1000)  # warm-up: caches, free lists, the loop's own structures
+            await eventually(lambda: not server.connections, what="warm-up connections to go")
+            gc.collect()
+            tracemalloc.start()
+            try:
+                await _churn(server.port, 9000)
+                await eventually(lambda: not server.connections, what="churned connections to go")
+                gc.collect()
+                grown = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            stats = await get_json(server.port, "/stats")
+            assert (stats["connections"], stats["topics"], stats["subscriptions"], stats["sessions"]) == (0, 0, 0, 0)
+            assert server.broker.disconnects == {1000: 10_000}
+            # Bound: < 1 MiB for 9,000 connections, about 116 bytes each: less than one leaked
+            # connection object, session or subscription per connection (each is bigger than that).
+            assert grown < 1 << 20, f"memory grew by {grown} bytes over 9,000 connections"
+
+    run(main(), timeout=55)
+
+
+async def _linger_reset(raw: AsyncRaw) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER 0): a killed client's usual goodbye."""
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_clients_killed_mid_frame_and_mid_handshake_leave_no_state(reset):
+    """Clients killed mid-frame, mid-handshake, before setup and mid-close leave connections and subscriptions at 0."""
+
+    async def kill(raw: AsyncRaw) -> None:
+        if reset:
+            await _linger_reset(raw)
+        else:
+            raw.close()
+
+    async def main():
+        async with serving() as server:
+            broker = server.broker
+            sessions = []
+            for cut in (1, 2, 5, 7, 60):  # mid-frame: a subscribed client sends part of a frame, then dies
+                raw = await AsyncRaw.open(server.port)
+                assert (await raw.handshake())[0] == 101
+                ready = await raw.setup("alice", topics=["t", f"own{cut}"])
+                sessions.append(ready["sessionId"])
+                frame = masked(ms.Opcode.TEXT, json.dumps({"type": "publish", "topic": "t", "messageId": "x", "payload": "y" * 100}).encode())
+                await raw.send(frame[:cut])
+                await kill(raw)
+            for part in (b"GET", b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgr", b"GET /ws HTTP/1.1\r\n"):  # mid-handshake
+                raw = await AsyncRaw.open(server.port)
+                await raw.send(part)
+                await kill(raw)
+            raw = await AsyncRaw.open(server.port)  # after the 101, before setup
+            assert (await raw.handshake())[0] == 101
+            await kill(raw)
+            raw = await AsyncRaw.open(server.port)  # half a close frame
+            assert (await raw.handshake())[0] == 101
+            await raw.setup("bob", topics=["t"])
+            await raw.send(masked(ms.Opcode.CLOSE, ms.serialize_close(1000))[:3])
+            await kill(raw)
+            server.publish("t", "to nobody")  # a write to dead connections must not revive anything
+            await eventually(lambda: not server.connections, what="every killed connection to be dropped")
+            stats = await get_json(server.port, "/stats")
+            assert (stats["connections"], stats["topics"], stats["subscriptions"]) == (0, 0, 0)
+            assert broker.topics.subscribers == {} and broker.dirty == []
+            assert all(broker.sessions[s].client is None for s in sessions)  # resumable, not attached
+            assert sum(broker.disconnects.values()) == 7 and broker.disconnects[1006] == 7
+
+    run(main())
 
 
 # === Browser: the /docs console in Chromium =======================================================
