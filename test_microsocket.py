@@ -3423,7 +3423,6 @@ def take(client: ms.Client) -> list[dict]:
     """Empty a fake client's outbox (as the I/O layer would) and return its messages, parsed."""
     data = b"".join(client.out)
     client.out.clear()
-    client.out_bytes = 0
     if client.broker is not None:
         client.broker.dirty = [c for c in client.broker.dirty if c is not client]
     out = []
