@@ -381,6 +381,9 @@ def serialize_close(code: int, reason: str = "") -> bytes:
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2 token
 _REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) HTTP/(\d)\.(\d)\Z")
+# Controls other than tab, and CR or LF outside a CRLF pair (RFC 9110 §5.5: a field value holds
+# no control characters; a bare CR or LF could smuggle a header). One pass over the head, in C.
+_BAD_HEAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 
 
 @dataclasses.dataclass
@@ -394,14 +397,20 @@ class Request:
     version: tuple[int, int]
     headers: list[tuple[str, str]]  # (lower-case name, value), in order
     body: bytes = b""
+    fields: dict[str, list[str]] = dataclasses.field(default_factory=dict, repr=False)  # name -> values
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            for name, value in self.headers:
+                self.fields.setdefault(name, []).append(value)
 
     def header(self, name: str) -> str | None:
         """The value of header `name` (lower case), several lines joined with ", "; None if absent."""
-        values = [v for k, v in self.headers if k == name]
+        values = self.fields.get(name)
         return ", ".join(values) if values else None
 
     def header_count(self, name: str) -> int:
-        return sum(1 for k, _ in self.headers if k == name)
+        return len(self.fields.get(name, ()))
 
     def tokens(self, name: str) -> list[str]:
         """A comma-separated header as lower-case tokens: `Connection: keep-alive, Upgrade`."""
@@ -423,6 +432,8 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     except UnicodeDecodeError:
         # RFC 9110 §5.5: field values are ASCII in practice; anything else is refused, not guessed.
         raise HTTPError(400, "request head is not ASCII") from None
+    if _BAD_HEAD_CHAR.search(text):
+        raise HTTPError(400, "control character in the request head")
     lines = text.split("\r\n")
     match = _REQUEST_LINE.match(lines[0])
     if not match:
@@ -441,10 +452,7 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
         if not colon or not _TOKEN.match(name):
             # RFC 9112 §5.2: obsolete line folding and whitespace before the colon are rejected.
             raise HTTPError(400, "malformed header line")
-        value = value.strip(" \t")
-        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
-            raise HTTPError(400, "control character in a header value")
-        headers.append((name.lower(), value))
+        headers.append((name.lower(), value.strip(" \t")))
     path, _, query = target.partition("?")
     return Request(method, target, path, query, version, headers)
 
