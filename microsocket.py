@@ -962,12 +962,22 @@ def message_schema(kind: str, properties: dict, required: list[str]) -> dict:
 # topic -> set of clients, plus each client's own set of topics (the reverse index), so that
 # dropping a connection costs O(its topics) and a broadcast costs O(that topic's subscribers).
 # A topic with no subscriber is removed. The count of (topic, client) pairs is kept, not recounted.
+# Topics without subscribers are also listed in `idle`, oldest first, with the time they became
+# idle (or were last published to), so the broker can forget their counters in time (section 12).
 
 
 class TopicStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.subscribers: dict[str, set] = {}
         self.count = 0
+        self.clock = clock
+        self.idle: collections.OrderedDict = collections.OrderedDict()  # topic -> since when
+
+    def touch(self, topic: str, now: float) -> None:
+        """A topic without subscribers was used now (published to): it is idle from now on."""
+        idle = self.idle
+        idle.pop(topic, None)
+        idle[topic] = now
 
     def subscribe(self, client: Client, topic: str) -> bool:
         """Add; False if it was already there."""
@@ -977,6 +987,7 @@ class TopicStore:
         subs = self.subscribers.get(topic)
         if subs is None:
             subs = self.subscribers[topic] = set()
+            self.idle.pop(topic, None)
         subs.add(client)
         self.count += 1
         return True
@@ -990,6 +1001,7 @@ class TopicStore:
         subs.discard(client)
         if not subs:
             del self.subscribers[topic]
+            self.touch(topic, self.clock())
         self.count -= 1
         return True
 
@@ -1318,8 +1330,8 @@ class Broker:
         self.wake = wake
         self.clock = clock
         self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
-        self.topics = TopicStore()
-        self.seq: dict[str, int] = {}
+        self.topics = TopicStore(clock)
+        self.seq: dict[str, int] = {}  # topic -> last seqNo; forgotten when idle long enough
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.history = History(config.history_messages, config.history_age, config.history_bytes, clock)
         self.sessions: dict[str, Session] = {}
@@ -1386,6 +1398,23 @@ class Broker:
             if self.sessions[session_id].detached_at > horizon:
                 break
             self._drop_session(session_id)
+
+    def forget_idle_topics(self, now: float | None = None) -> None:
+        """Forget the seqNo counter of topics idle for longer than the session TTL and the history
+        age: no resumable session and no retained message can refer to them any more, so nobody
+        can tell that the next publish starts the topic again at 1. Keeps `seq` bounded by the
+        topics in use instead of every topic ever published."""
+        horizon = (self.clock() if now is None else now) - max(self.config.session_ttl, self.config.history_age)
+        idle = self.topics.idle
+        while idle:
+            topic, since = next(iter(idle.items()))
+            if since > horizon:
+                break
+            del idle[topic]
+            if self.history.oldest(topic) is None:
+                self.seq.pop(topic, None)
+            else:  # still retained (history_age was raised?): look again later
+                idle[topic] = horizon + max(self.config.session_ttl, self.config.history_age)
 
     def _drop_session(self, session_id: str) -> None:
         self._detached.pop(session_id, None)
@@ -1661,6 +1690,7 @@ class Broker:
         self.published += 1
         subs = self.topics.subscribers.get(topic)
         if not subs:
+            self.topics.touch(topic, self.clock())
             return PublishResult("ok", message_id, seq, 0)
         dirty = self.dirty
         if not dirty:
@@ -1685,6 +1715,7 @@ class Broker:
             "replayed": self.replayed,
             "duplicates": self.duplicates,
             "sessions": len(self.sessions),
+            "sequenced_topics": len(self.seq),
             "epoch": self.epoch,
             "history": {"messages": self.history.count, "bytes": self.history.bytes},
             "dedup": {"entries": len(self.dedup)},
@@ -2375,6 +2406,7 @@ class Server:
                 conn.transport.abort()
         self.broker.expire_sessions()
         self.broker.history.expire()
+        self.broker.forget_idle_topics()
 
     async def close(self, code: int = CloseCode.GOING_AWAY, grace: float | None = None) -> None:
         """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""

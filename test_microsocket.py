@@ -3714,6 +3714,58 @@ def test_replay_end_to_end():
     run(main())
 
 
+# === 12. Topic counters ============================================================================
+
+
+def test_idle_topic_counter_is_forgotten_after_session_ttl_and_history_age():
+    """A topic with no subscriber, no retained message and no resumable session loses its counter; the next publish starts at 1."""
+    broker, clock = make_broker(session_ttl=60, history_age=30)
+    broker.publish("alice", "t", "m1", 1)
+    broker.publish("alice", "t", "m2", 2)
+    clock.advance(59)
+    broker.history.expire()
+    broker.forget_idle_topics()
+    assert broker.seq == {"t": 2}  # past the history age, not yet past the session TTL
+    clock.advance(2)
+    broker.history.expire()
+    broker.forget_idle_topics()
+    assert broker.seq == {} and broker.stats()["sequenced_topics"] == 0
+    assert broker.publish("alice", "t", "m3", 3).seq_no == 1
+
+
+def test_topic_counter_with_subscribers_or_a_resumable_session_is_kept():
+    """A subscribed topic keeps its counter forever; after its last subscriber leaves, for the session TTL at least."""
+    broker, clock = make_broker(session_ttl=60, history_age=30)
+    client, ready = fake_client(broker, "alice", topics=["t"])
+    broker.publish("bob", "t", "m1", 1)
+    clock.advance(10_000)
+    broker.history.expire()
+    broker.forget_idle_topics()
+    assert broker.seq == {"t": 1}
+    broker.disconnect(client)  # the session stays resumable for 60 s and remembers seqNo 1
+    clock.advance(59)
+    broker.forget_idle_topics()
+    assert broker.seq == {"t": 1}
+    again, _ = fake_client(broker, "alice")
+    replies = send(broker, again, {"type": "resume", "sessionId": ready["sessionId"]})
+    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": []}]
+    assert broker.publish("bob", "t", "m2", 2).seq_no == 2  # the sequence went on
+
+
+def test_topic_counter_with_retained_history_is_kept():
+    """A counter is not forgotten while history still holds the topic's messages (a replay must stay consistent)."""
+    broker, clock = make_broker(session_ttl=10, history_age=100)
+    broker.publish("alice", "t", "m1", 1)
+    clock.advance(50)
+    broker.history.expire()
+    broker.forget_idle_topics()
+    assert broker.seq == {"t": 1} and broker.history.oldest("t") == 1
+    clock.advance(51)
+    broker.history.expire()
+    broker.forget_idle_topics()
+    assert broker.seq == {}
+
+
 # === 12. Sessions and resume =======================================================================
 
 
