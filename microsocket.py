@@ -69,6 +69,11 @@ import time
 import urllib.parse
 from typing import Any, Callable, Iterable, NamedTuple
 
+try:
+    import resource  # the open-file limit (Unix)
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 __all__ = [
     "Config",
     "Server",
@@ -124,6 +129,7 @@ MAX_SESSIONS = 100_000  # detached sessions kept; the oldest is dropped first
 PUBLISH_RATE = 1000.0  # publishes per second per connection, token bucket (RATE_LIMITED); 0 = no limit
 PUBLISH_BURST = 2000  # the bucket's size: a burst allowed on top of the rate
 SHUTDOWN_GRACE = 5.0  # seconds for closing handshakes on SIGINT/SIGTERM before connections are dropped
+FD_RESERVE = 64  # file descriptors kept free of WebSocket connections: the listener, HTTP requests, logs
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds connect at once
 
 # RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
@@ -962,22 +968,12 @@ def message_schema(kind: str, properties: dict, required: list[str]) -> dict:
 # topic -> set of clients, plus each client's own set of topics (the reverse index), so that
 # dropping a connection costs O(its topics) and a broadcast costs O(that topic's subscribers).
 # A topic with no subscriber is removed. The count of (topic, client) pairs is kept, not recounted.
-# Topics without subscribers are also listed in `idle`, oldest first, with the time they became
-# idle (or were last published to), so the broker can forget their counters in time (section 12).
 
 
 class TopicStore:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self.subscribers: dict[str, set] = {}
         self.count = 0
-        self.clock = clock
-        self.idle: collections.OrderedDict = collections.OrderedDict()  # topic -> since when
-
-    def touch(self, topic: str, now: float) -> None:
-        """A topic without subscribers was used now (published to): it is idle from now on."""
-        idle = self.idle
-        idle.pop(topic, None)
-        idle[topic] = now
 
     def subscribe(self, client: Client, topic: str) -> bool:
         """Add; False if it was already there."""
@@ -987,7 +983,6 @@ class TopicStore:
         subs = self.subscribers.get(topic)
         if subs is None:
             subs = self.subscribers[topic] = set()
-            self.idle.pop(topic, None)
         subs.add(client)
         self.count += 1
         return True
@@ -1001,13 +996,17 @@ class TopicStore:
         subs.discard(client)
         if not subs:
             del self.subscribers[topic]
-            self.touch(topic, self.clock())
         self.count -= 1
         return True
 
-    def remove_client(self, client: Client) -> None:
+    def remove_client(self, client: Client) -> list[str]:
+        """Drop all of a client's subscriptions; return the topics left without subscribers."""
+        emptied = []
         for topic in list(client.topics):
             self.unsubscribe(client, topic)
+            if topic not in self.subscribers:
+                emptied.append(topic)
+        return emptied
 
 
 # === 9. Dedup =====================================================================================
@@ -1330,8 +1329,11 @@ class Broker:
         self.wake = wake
         self.clock = clock
         self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
-        self.topics = TopicStore(clock)
+        self.topics = TopicStore()
         self.seq: dict[str, int] = {}  # topic -> last seqNo; forgotten when idle long enough
+        # Topics with a counter and no subscriber, oldest first: topic -> since when (the time its
+        # last subscriber left or it was last published to). See forget_idle_topics.
+        self._idle: collections.OrderedDict = collections.OrderedDict()
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.history = History(config.history_messages, config.history_age, config.history_bytes, clock)
         self.sessions: dict[str, Session] = {}
@@ -1384,7 +1386,9 @@ class Broker:
             self.expire_sessions(now)
             while len(self._detached) > self.config.max_sessions:
                 self._drop_session(next(iter(self._detached)))
-        self.topics.remove_client(client)
+        now = self.clock()
+        for topic in self.topics.remove_client(client):
+            self._went_idle(topic, now)
         client.broker = None
         client.out.clear()
         self.connections -= 1
@@ -1399,13 +1403,20 @@ class Broker:
                 break
             self._drop_session(session_id)
 
+    def _went_idle(self, topic: str, now: float) -> None:
+        """A topic with no subscriber now was left or published to: its idle time starts now."""
+        if topic in self.seq:
+            idle = self._idle
+            idle.pop(topic, None)
+            idle[topic] = now
+
     def forget_idle_topics(self, now: float | None = None) -> None:
         """Forget the seqNo counter of topics idle for longer than the session TTL and the history
         age: no resumable session and no retained message can refer to them any more, so nobody
         can tell that the next publish starts the topic again at 1. Keeps `seq` bounded by the
         topics in use instead of every topic ever published."""
         horizon = (self.clock() if now is None else now) - max(self.config.session_ttl, self.config.history_age)
-        idle = self.topics.idle
+        idle = self._idle
         while idle:
             topic, since = next(iter(idle.items()))
             if since > horizon:
@@ -1498,6 +1509,7 @@ class Broker:
     def _attach(self, client: Client, topic: str) -> None:
         """Subscribe and start tracking the topic's position in the client's session."""
         if self.topics.subscribe(client, topic):
+            self._idle.pop(topic, None)
             client.session.positions.setdefault(topic, [self.seq.get(topic, 0), 0, None])
 
     def _topic_of(self, client: Client, msg: dict, locked: bool) -> str:
@@ -1519,6 +1531,8 @@ class Broker:
         topic = self._topic_of(client, msg, locked=True)
         if self.topics.unsubscribe(client, topic):
             client.session.positions.pop(topic, None)
+            if topic not in self.topics.subscribers:
+                self._went_idle(topic, self.clock())
         self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
 
     def _publish(self, client: Client, msg: dict) -> None:
@@ -1629,6 +1643,7 @@ class Broker:
                     client.replay_credit += len(frame)
                     replayed += 1
             self.topics.subscribe(client, topic)
+            self._idle.pop(topic, None)
         self.replayed += replayed
         if own is not session:
             self.sessions.pop(own.id, None)
@@ -1690,7 +1705,7 @@ class Broker:
         self.published += 1
         subs = self.topics.subscribers.get(topic)
         if not subs:
-            self.topics.touch(topic, self.clock())
+            self._went_idle(topic, self.clock())
             return PublishResult("ok", message_id, seq, 0)
         dirty = self.dirty
         if not dirty:
@@ -2564,6 +2579,33 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+def fit_open_file_limit(config: Config) -> Config:
+    """Raise the soft open-file limit to the hard one, and keep max_connections under it.
+
+    Past the limit, accept() fails with EMFILE: clients hang instead of getting a 503, and
+    CPython's asyncio (before 3.13) then logs the failure in a tight loop. Connections over the
+    cap get the documented 503 instead. Returns the config, with max_connections lowered if needed.
+    """
+    if resource is None:
+        return config
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    usable = max(1, soft - FD_RESERVE)
+    if config.max_connections > usable:
+        log.warning(
+            "max-connections %d is over what the open-file limit (%d) allows: using %d (raise `ulimit -n` for more)",
+            config.max_connections, soft, usable,
+        )
+        config = dataclasses.replace(config, max_connections=usable)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -2572,6 +2614,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             print(f"microsocket.py: error: {name.replace('_', '-')} must not be negative", file=sys.stderr)
             return 2
+    config = fit_open_file_limit(config)
 
     async def run() -> None:
         stop = asyncio.Event()

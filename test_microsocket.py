@@ -3251,6 +3251,70 @@ def read_banner(lines: queue.Queue, timeout: float = 10) -> str:
     return text
 
 
+def test_open_file_limit_caps_max_connections(monkeypatch):
+    """max_connections above the open-file limit is lowered to fit under it (after trying to raise the soft limit)."""
+
+    class FakeResource:
+        RLIMIT_NOFILE = 7
+        RLIM_INFINITY = -1
+        limits = (256, 1000)
+
+        @classmethod
+        def getrlimit(cls, which):
+            return cls.limits
+
+        @classmethod
+        def setrlimit(cls, which, limits):
+            cls.limits = limits
+
+    monkeypatch.setattr(ms, "resource", FakeResource)
+    config = ms.fit_open_file_limit(ms.Config(max_connections=100_000))
+    assert FakeResource.limits == (1000, 1000)  # the soft limit was raised to the hard one
+    assert config.max_connections == 1000 - ms.FD_RESERVE
+    assert ms.fit_open_file_limit(ms.Config(max_connections=10)).max_connections == 10
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a Unix process limit")
+def test_past_the_open_file_limit_handshakes_get_503_not_hangs():
+    """With a low open-file limit, WebSocket handshakes past the cap get HTTP 503 instead of hanging on accept."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-u", SCRIPT, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True, env=_child_env(), preexec_fn=low_limit,
+    )
+    clients = []
+    try:
+        assert "ws://" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+        statuses = []
+        for _ in range(160):
+            client = RawClient(port)
+            clients.append(client)
+            key = base64.b64encode(os.urandom(16)).decode()
+            status, _, _ = client.http(
+                f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            statuses.append(status)
+            if status == 503:
+                break
+        assert statuses.count(101) == 160 - ms.FD_RESERVE and statuses[-1] == 503
+    finally:
+        for client in clients:
+            client.close()
+        proc.kill()
+        proc.wait(10)
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "max-connections 100000 is over what the open-file limit (160) allows" in err
+    assert "out of system resource" not in err
+
+
 async def _close_code_on_signal(proc, port: int, sig: int) -> int:
     async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
         await setup(ws)
@@ -3750,6 +3814,15 @@ def test_topic_counter_with_subscribers_or_a_resumable_session_is_kept():
     replies = send(broker, again, {"type": "resume", "sessionId": ready["sessionId"]})
     assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": []}]
     assert broker.publish("bob", "t", "m2", 2).seq_no == 2  # the sequence went on
+
+
+def test_only_topics_with_a_counter_are_tracked_as_idle():
+    """Leaving a topic that was never published to keeps nothing; leaving a published one starts its idle time."""
+    broker, clock = make_broker()
+    client, _ = fake_client(broker, "alice", topics=["quiet", "busy"])
+    broker.publish("bob", "busy", "m1", 1)
+    broker.disconnect(client)
+    assert list(broker._idle) == ["busy"] and "quiet" not in broker.seq
 
 
 def test_topic_counter_with_retained_history_is_kept():
