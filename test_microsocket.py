@@ -4171,6 +4171,54 @@ def test_resume_while_publishers_keep_publishing_sees_every_seq_exactly_once(how
     run(main(), timeout=50)
 
 
+# === 14. Close timeout and shutdown grace ==========================================================
+
+
+def test_peer_that_never_answers_a_close_is_dropped_after_close_timeout():
+    """After the server's close frame (here 4000, no setup), a peer that never answers loses its TCP connection after close_timeout."""
+
+    async def main():
+        async with serving(setup_timeout=0.5, close_timeout=0.5) as server:
+            raw = await AsyncRaw.open(server.port)
+            assert (await raw.handshake())[0] == 101
+            frame = await asyncio.wait_for(raw.recv_frame(), 10)
+            assert frame.opcode == ms.Opcode.CLOSE and ms.parse_close(frame.payload)[0] == 4000
+            assert await asyncio.wait_for(raw.at_eof(), 10)  # no close frame sent back: dropped
+            raw.close()
+
+    run(main())
+
+
+def test_shutdown_drops_peers_that_do_not_close_within_the_grace():
+    """Server.close() sends 1001 to everyone and, after shutdown_grace, drops a peer that never answers."""
+
+    async def main():
+        server = ms.Server(ms.Config(host="127.0.0.1", port=0, shutdown_grace=0.5, close_timeout=60))
+        await server.start()
+        raw = await AsyncRaw.open(server.port)
+        assert (await raw.handshake())[0] == 101
+        await raw.setup("alice")
+        async with connect(ws_url(server)) as polite:
+            await setup(polite, "bob")
+            await asyncio.wait_for(server.close(), 10)  # returns although `raw` never answers
+            assert polite.close_code == 1001
+        frame = await asyncio.wait_for(raw.recv_frame(), 10)
+        assert frame.opcode == ms.Opcode.CLOSE and ms.parse_close(frame.payload)[0] == 1001
+        assert await asyncio.wait_for(raw.at_eof(), 10) and not server.connections
+        raw.close()
+
+    run(main())
+
+
+def test_token_over_4096_characters_fails_setup():
+    """A token over 4096 characters is AUTH_FAILED; one of exactly 4096 is accepted."""
+    broker, _ = make_broker()
+    client, _ = fake_client(broker, token=None)
+    reply = send(broker, client, {"type": "setup", "token": "x" * 4097})
+    assert reply[0]["code"] == "AUTH_FAILED" and reply[0]["field"] == "token"
+    assert send(broker, client, {"type": "setup", "token": "x" * 4096})[0]["type"] == "ready"
+
+
 # === 14. Flow control and liveness =================================================================
 
 
