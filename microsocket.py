@@ -1321,6 +1321,10 @@ class Client:
         return data
 
 
+def _topic_locked(client: Client, **context: Any) -> ClientError:
+    return ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", **context)
+
+
 class Broker:
     """The pub/sub core. `handle(client, text)` for WebSocket messages, `publish` for the rest."""
 
@@ -1490,13 +1494,11 @@ class Broker:
             for topic in requested:
                 check_topic(topic, self.config.max_topic_length, "topics")
                 if client.bound_topic is not None and topic != client.bound_topic:
-                    raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", field="topics", topic=topic)
+                    raise _topic_locked(client, field="topics", topic=topic)
                 if topic not in topics:
                     topics.append(topic)
         if len(topics) > self.config.max_subscriptions:
-            raise ClientError(
-                "TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", field="topics"
-            )
+            raise self._too_many_subscriptions(field="topics")
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
         session = client.session = Session(secrets.token_urlsafe(16), user_id, client)  # 128 random bits
@@ -1512,18 +1514,19 @@ class Broker:
             self._idle.pop(topic, None)
             client.session.positions.setdefault(topic, [self.seq.get(topic, 0), 0, None])
 
+    def _too_many_subscriptions(self, **context: Any) -> ClientError:
+        return ClientError("TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", **context)
+
     def _topic_of(self, client: Client, msg: dict, locked: bool) -> str:
         topic = check_topic(msg.get("topic") if "topic" in msg else None, self.config.max_topic_length)
         if locked and client.bound_topic is not None and topic != client.bound_topic:
-            raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", topic=topic)
+            raise _topic_locked(client, topic=topic)
         return topic
 
     def _subscribe(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
         if topic not in client.topics and len(client.topics) >= self.config.max_subscriptions:
-            raise ClientError(
-                "TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", topic=topic
-            )
+            raise self._too_many_subscriptions(topic=topic)
         self._attach(client, topic)
         self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
 
@@ -1555,6 +1558,14 @@ class Broker:
         result = self.publish(client.user_id, topic, message_id, msg.get("payload"))
         self._reply(client, msg, {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no})
 
+    def publish_checked(self, user_id: str, topic: Any, message_id: Any, data: Any, id_prefix: str) -> PublishResult:
+        """Check topic and messageId (one is generated, `id_prefix`-..., when None), then publish.
+        For publishers other than a WebSocket client: POST /publish and Server.publish."""
+        topic = check_topic(topic, self.config.max_topic_length)
+        if message_id is None:
+            message_id = f"{id_prefix}-{secrets.token_hex(8)}"
+        return self.publish(user_id, topic, self.check_message_id(message_id, topic), data)
+
     def check_message_id(self, message_id: Any, topic: str | None = None) -> str:
         if not isinstance(message_id, str) or not message_id:
             raise ClientError("INVALID_MESSAGE", "'messageId' must be a non-empty string", field="messageId", topic=topic)
@@ -1584,12 +1595,16 @@ class Broker:
             raise ClientError(
                 "REPLAY_UNAVAILABLE", f"history no longer holds seqNo {from_seq}", topic=topic, oldestSeq=oldest or last + 1
             )
-        frames = self.history.between(topic, from_seq)
+        self._resend(client, self.history.between(topic, from_seq))
+        self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
+
+    def _resend(self, client: Client, frames: list[bytes]) -> int:
+        """Send retained frames again (replay, resume); their bytes are not counted as slowness."""
         for frame in frames:
             client.send(frame)
             client.replay_credit += len(frame)
         self.replayed += len(frames)
-        self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
+        return len(frames)
 
     def _resume(self, client: Client, msg: dict) -> None:
         session_id = require(msg, "sessionId", str, "a string")
@@ -1610,9 +1625,9 @@ class Broker:
         own = client.session
         topics = dict.fromkeys(list(session.positions) + list(given) + list(client.topics))
         if client.bound_topic is not None and any(t != client.bound_topic for t in topics):
-            raise ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", field="sessionId")
+            raise _topic_locked(client, field="sessionId")
         if len(topics) > self.config.max_subscriptions:
-            raise ClientError("TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", field="sessionId")
+            raise self._too_many_subscriptions(field="sessionId")
         # Checked in full; from here on nothing can fail. Take the session over from a live connection.
         other = session.client
         if other is not None and other is not client:
@@ -1638,13 +1653,9 @@ class Broker:
                 oldest = self.history.oldest(topic)
                 if oldest is None or after + 1 < oldest:
                     missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest if oldest is not None else last + 1})
-                for frame in self.history.between(topic, after + 1, upto):
-                    client.send(frame)
-                    client.replay_credit += len(frame)
-                    replayed += 1
+                replayed += self._resend(client, self.history.between(topic, after + 1, upto))
             self.topics.subscribe(client, topic)
             self._idle.pop(topic, None)
-        self.replayed += replayed
         if own is not session:
             self.sessions.pop(own.id, None)
         session.positions = positions
@@ -1937,15 +1948,10 @@ class App:
         if not isinstance(body, dict):
             raise HTTPError(400, 'body must be a JSON object {"topic", "messageId"?, "data"}')
         try:
-            topic = check_topic(body.get("topic"), self.config.max_topic_length)
-            if body.get("messageId") is None:
-                message_id = f"http-{secrets.token_hex(8)}"
-            else:
-                message_id = self.broker.check_message_id(body["messageId"], topic)
-            result = self.broker.publish(user_id, topic, message_id, body.get("data"))
+            result = self.broker.publish_checked(user_id, body.get("topic"), body.get("messageId"), body.get("data"), "http")
         except ClientError as exc:
             raise HTTPError(400, exc.message) from None
-        return json_response(200, {"status": result.status, "messageId": message_id, "seqNo": result.seq_no})
+        return json_response(200, {"status": result.status, "messageId": result.message_id, "seqNo": result.seq_no})
 
 
 def _url_topic(raw: str, max_length: int) -> str:
@@ -2391,9 +2397,7 @@ class Server:
     def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> PublishResult:
         """Publish from Python code, with the same checks, seqNo and dedup as a client publish."""
         try:
-            check_topic(topic, self.config.max_topic_length)
-            message_id = self.broker.check_message_id(f"py-{secrets.token_hex(8)}" if message_id is None else message_id)
-            return self.broker.publish(user_id, topic, message_id, data)
+            return self.broker.publish_checked(user_id, topic, message_id, data, "py")
         except ClientError as exc:
             raise ValueError(exc.message) from None
 
