@@ -1035,18 +1035,18 @@ class Dedup:
     def __len__(self) -> int:
         return len(self._order)
 
-    def get(self, user: str, message_id: str) -> int | None:
+    def get(self, user: str, message_id: str, now: float | None = None) -> int | None:
         """The seqNo of an accepted publish still inside the window, else None."""
         entries = self._users.get(user)
         if entries is None:
             return None
         entry = entries.get(message_id)
-        if entry is None or entry[1] <= self.clock() - self.window:
+        if entry is None or entry[1] <= (self.clock() if now is None else now) - self.window:
             return None
         return entry[0]
 
-    def add(self, user: str, message_id: str, seq: int) -> None:
-        now = self.clock()
+    def add(self, user: str, message_id: str, seq: int, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
         self._expire(now)
         entries = self._users.get(user)
         if entries is None:
@@ -1105,10 +1105,10 @@ class History:
         # the per-topic bound dropped stay until they reach the front or a compaction removes them.
         self._order: collections.deque = collections.deque()
 
-    def add(self, topic: str, seq: int, frame: bytes) -> None:
+    def add(self, topic: str, seq: int, frame: bytes, now: float | None = None) -> None:
         if self.max_messages <= 0:
             return
-        now = self.clock()
+        now = self.clock() if now is None else now
         entries = self._topics.get(topic)
         if entries is None:
             entries = self._topics[topic] = collections.deque()
@@ -1699,7 +1699,8 @@ class Broker:
 
     def publish(self, user_id: str, topic: str, message_id: str, data: Any) -> PublishResult:
         """Sequence, remember and fan out one message (topic and messageId already checked)."""
-        seq = self.dedup.get(user_id, message_id)
+        now = self.clock()  # one reading for dedup, history, idle tracking and latency
+        seq = self.dedup.get(user_id, message_id, now)
         if seq is not None:
             self.duplicates += 1
             return PublishResult("duplicate", message_id, seq, 0)
@@ -1711,12 +1712,12 @@ class Broker:
             # encoder's recursion allows), or non-JSON data from Python code: nothing changes.
             raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
         self.seq[topic] = seq
-        self.dedup.add(user_id, message_id, seq)
-        self.history.add(topic, seq, frame)
+        self.dedup.add(user_id, message_id, seq, now)
+        self.history.add(topic, seq, frame, now)
         self.published += 1
         subs = self.topics.subscribers.get(topic)
         if not subs:
-            self._went_idle(topic, self.clock())
+            self._went_idle(topic, now)
             return PublishResult("ok", message_id, seq, 0)
         dirty = self.dirty
         if not dirty:
@@ -1728,7 +1729,7 @@ class Broker:
             out.append(frame)
         n = len(subs)
         self.delivered += n
-        self._unflushed.append((self.clock(), n))
+        self._unflushed.append((now, n))
         return PublishResult("ok", message_id, seq, n)
 
     def stats(self) -> dict:
