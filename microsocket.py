@@ -2603,12 +2603,20 @@ def fit_open_file_limit(config: Config) -> Config:
             pass
     usable = max(1, soft - FD_RESERVE)
     if config.max_connections > usable:
-        log.warning(
+        # A warning when the operator asked for more; the default capped is only worth a note.
+        level = logging.INFO if config.max_connections == MAX_CONNECTIONS else logging.WARNING
+        log.log(
+            level,
             "max-connections %d is over what the open-file limit (%d) allows: using %d (raise `ulimit -n` for more)",
             config.max_connections, soft, usable,
         )
         config = dataclasses.replace(config, max_connections=usable)
     return config
+
+
+def _usage_error(message: str) -> int:
+    print(f"microsocket.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2617,8 +2625,15 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     for name, value in dataclasses.asdict(config).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            print(f"microsocket.py: error: {name.replace('_', '-')} must not be negative", file=sys.stderr)
-            return 2
+            return _usage_error(f"{name.replace('_', '-')} must not be negative")
+    if config.port > 65535:
+        return _usage_error("port must be 0 to 65535")
+    if config.keyfile and not config.certfile:
+        return _usage_error("--keyfile needs --certfile")
+    try:
+        tls_context(config)  # load it once here, so a bad certificate is not reported as "cannot listen"
+    except (OSError, ssl.SSLError) as exc:
+        return _usage_error(f"cannot load the TLS certificate or key ({config.certfile}): {exc}")
     config = fit_open_file_limit(config)
 
     async def run() -> None:

@@ -3370,6 +3370,23 @@ def test_cli_refuses_negative_limits(args, env):
     assert "negative" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "port must be 0 to 65535"),
+        (["--keyfile", "k.pem"], "--keyfile needs --certfile"),
+        (["--certfile", "/nonexistent/cert.pem"], "cannot load the TLS certificate or key (/nonexistent/cert.pem)"),
+        (["--certfile", SCRIPT], "cannot load the TLS certificate or key"),  # a file, but not PEM
+    ],
+    ids=["port-range", "keyfile-alone", "missing-cert", "not-a-cert"],
+)
+def test_cli_refuses_bad_port_and_tls_files_clearly(args, message):
+    """A port out of range or an unusable certificate is refused with exit 2 and says so, without a traceback."""
+    done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=20, env=_child_env())
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
 def test_cli_bad_value_is_usage_error():
     """A non-numeric limit is an argparse usage error (exit 2)."""
     done = subprocess.run([sys.executable, SCRIPT, "--max-buffer", "lots"], capture_output=True, text=True, timeout=20, env=_child_env())
