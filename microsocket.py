@@ -2083,6 +2083,29 @@ def openapi_document(config: Config) -> dict:
     }
 
 
+def protocol_limits(config: Config) -> dict:
+    """The limits a client can run into, as this server is configured (camelCase, seconds, bytes)."""
+    return {
+        "maxMessageSize": config.max_message_size,
+        "maxTopicLength": config.max_topic_length,
+        "maxMessageIdLength": config.max_message_id_length,
+        "maxSubscriptions": config.max_subscriptions,
+        "maxConnections": config.max_connections,
+        "maxBuffer": config.max_buffer,
+        "publishRate": config.publish_rate,
+        "publishBurst": config.publish_burst,
+        "dedupWindow": config.dedup_window,
+        "historyMessages": config.history_messages,
+        "historyAge": config.history_age,
+        "sessionTtl": config.session_ttl,
+        "setupTimeout": config.setup_timeout,
+        "pingInterval": config.ping_interval,
+        "pingTimeout": config.ping_timeout,
+        "demoPublish": config.demo,
+        "echo": config.echo,
+    }
+
+
 def asyncapi_document(config: Config, host: str | None = None) -> dict:
     """AsyncAPI 3.0 description of the WebSocket protocol, from CLIENT_MESSAGES and SERVER_MESSAGES.
 
@@ -2129,6 +2152,8 @@ def asyncapi_document(config: Config, host: str | None = None) -> dict:
             "title": "microsocket",
             "version": __version__,
             "description": "Micro Socket pub/sub over WebSocket: every message is one JSON object in one text frame.",
+            # The limits this server runs with, so pages and clients show the live values, not copies.
+            "x-limits": protocol_limits(config),
         },
         "defaultContentType": "application/json",
         "servers": {"local": {"host": host, "protocol": "wss" if config.certfile else "ws"}},
