@@ -2207,7 +2207,7 @@ TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout abov
 
 
 class ServerConnection(Client, asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "ws", "closing_handle", "lost", "deadline", "active", "idle_since", "ping_sent")
+    __slots__ = ("server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent")
 
     def __init__(self, server: Server) -> None:
         Client.__init__(self, server.broker)
@@ -2215,9 +2215,9 @@ class ServerConnection(Client, asyncio.Protocol):
         self.transport: Any = None
         self.reader: RequestReader | None = RequestReader(server.config.max_head_size, server.config.max_body_size)
         self.ws: WebSocketConnection | None = None
-        self.closing_handle: asyncio.TimerHandle | None = None
+        self.closing_since: float | None = None  # when our close frame went out, waiting for theirs
         self.lost = False
-        self.deadline = server.loop.time() + server.config.handshake_timeout  # HTTP head, then setup
+        self.deadline = server.clock() + server.config.handshake_timeout  # HTTP head, then setup
         self.active = False  # bytes arrived since the last tick
         self.idle_since = 0.0
         self.ping_sent = 0.0  # when our keepalive ping went out; 0 when none is outstanding
@@ -2231,8 +2231,6 @@ class ServerConnection(Client, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.server.connections.discard(self)
-        if self.closing_handle is not None:
-            self.closing_handle.cancel()
         ws = self.ws
         if ws is not None:
             if self.broker is not None:
@@ -2267,7 +2265,7 @@ class ServerConnection(Client, asyncio.Protocol):
             if isinstance(result, Upgrade):
                 self._upgrade(result, bytes(reader.buffer))
                 return
-            self.deadline = self.server.loop.time() + self.server.config.handshake_timeout
+            self.deadline = self.server.clock() + self.server.config.handshake_timeout
             self._respond(result, request.keep_alive, request.method == "HEAD")
 
     def _respond(self, response: Response, keep_alive: bool, head: bool) -> None:
@@ -2282,7 +2280,7 @@ class ServerConnection(Client, asyncio.Protocol):
         self.ws = WebSocketConnection(self.server.config.max_message_size)
         self.bound_topic = upgrade.topic
         self.is_echo = upgrade.kind == "echo"
-        self.deadline = self.server.loop.time() + self.server.config.setup_timeout
+        self.deadline = self.server.clock() + self.server.config.setup_timeout
         self.broker.connect(self)
         if rest:
             self._websocket_data(rest)
@@ -2331,8 +2329,8 @@ class ServerConnection(Client, asyncio.Protocol):
             transport.write(last)
         if self.ws.state == CLOSED:
             transport.close()  # §7.1.1: the server closes the TCP connection first
-        elif self.closing_handle is None:
-            self.closing_handle = self.server.loop.call_later(self.server.config.close_timeout, transport.abort)
+        elif self.closing_since is None:
+            self.closing_since = self.server.clock()  # the sweep drops TCP after close_timeout
 
     def flush(self) -> None:
         """Write the outbox in one call, or close a slow consumer.
@@ -2363,12 +2361,16 @@ class ServerConnection(Client, asyncio.Protocol):
             self.replay_credit = min(self.replay_credit, transport.get_write_buffer_size())
 
     def tick(self, now: float) -> None:
-        """Apply the timeouts (called once per TICK)."""
+        """Apply the timeouts (called once per TICK, with the server's clock)."""
         ws = self.ws
         if ws is None:
             if self.reader is not None and now > self.deadline:
                 self.reader = None
                 self.transport.close()  # request head not complete in time (or idle keep-alive)
+            return
+        if self.closing_since is not None:
+            if now - self.closing_since >= self.server.config.close_timeout:
+                self.transport.abort()  # no close frame from the peer in time
             return
         if ws.state != OPEN or self.is_echo or self.broker is None:
             return  # closing already (a taken-over session waits for its close request)
@@ -2393,6 +2395,7 @@ class Server:
 
     def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or Config()
+        self.clock = clock  # every timer reads this clock: tests move it, then call tick()
         self.broker = Broker(self.config, self._schedule_flush, clock)
         self.app = App(self.config, self.broker)
         self.connections: set[ServerConnection] = set()
@@ -2437,12 +2440,21 @@ class Server:
         dirty = self.broker.dirty
         self.broker.dirty = []
         for conn in dirty:
-            conn.flush()
-        self.broker.flushed(self.broker.clock())
+            try:
+                conn.flush()
+            except Exception:  # one broken connection must not strand the others of the batch
+                log.exception("flush failed for a connection; dropping it")
+                conn.transport.abort()
+        self.broker.flushed(self.clock())
 
     def _tick(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)  # first: a failure below cannot stop the timers
-        now = self.loop.time()
+        self.tick()
+
+    def tick(self) -> None:
+        """Run the timer sweep now, at the server clock's time: timeouts, keepalive pings, and
+        forgetting expired sessions, history and idle topics. The event loop calls it every TICK."""
+        now = self.clock()
         for conn in list(self.connections):
             try:
                 conn.tick(now)
