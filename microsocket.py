@@ -879,14 +879,14 @@ ERROR_CODES = (
     "INVALID_MESSAGE",
     "INVALID_TOPIC",
     "TOPIC_LOCKED",
-    "ACL_DENIED",
     "TOO_MANY_SUBSCRIPTIONS",
     "RATE_LIMITED",
     "SESSION_EXPIRED",
     "REPLAY_UNAVAILABLE",
-    "BACKBONE_UNAVAILABLE",
     "INTERNAL_ERROR",
 )
+# SPEC codes this version never sends: ACLs and a backbone that can fail (Redis) are planned.
+PLANNED_ERROR_CODES = ("ACL_DENIED", "BACKBONE_UNAVAILABLE")
 
 # Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed.
 _BAD_TOPIC_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff*]")
@@ -996,25 +996,38 @@ CLIENT_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
     ("unsubscribe", "Unsubscribe (idempotent)", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribe", "topic": "prices"}),
     ("publish", "Publish a message", {"topic": _TOPIC, "messageId": _MESSAGE_ID, "payload": {}}, ["topic", "messageId"], {"type": "publish", "topic": "prices", "messageId": "m-1", "payload": {"btc": 97000}, "id": 3}),
     ("replay", "Resend retained messages from fromSeq", {"topic": _TOPIC, "fromSeq": {"type": "integer", "minimum": 1}, "epoch": {"type": "string"}}, ["topic", "fromSeq"], {"type": "replay", "topic": "prices", "fromSeq": 1}),
-    ("resume", "Re-attach a session and replay its gap", {"sessionId": {"type": "string"}, "lastSeqPerTopic": {"type": "object", "additionalProperties": _SEQ}, "epoch": {"type": "string"}}, ["sessionId"], {"type": "resume", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "lastSeqPerTopic": {"prices": 1}}),
+    ("resume", "Re-attach a session and replay its gap", {"sessionId": {"type": "string"}, "lastSeqPerTopic": {"type": "object", "additionalProperties": _SEQ}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}, "epoch": {"type": "string"}}, ["sessionId"], {"type": "resume", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "lastSeqPerTopic": {"prices": 1}, "epochs": {"prices": "5e27adbe"}}),
     ("ack", "Record the client's position", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID}, ["topic"], {"type": "ack", "topic": "prices", "seqNo": 1}),
     ("refresh", "Replace the token (same user)", {"token": {"type": "string", "minLength": 1}}, ["token"], {"type": "refresh", "token": "alice"}),
     ("presence", "Who is subscribed to a topic", {"topic": _TOPIC}, ["topic"], {"type": "presence", "topic": "prices"}),
     ("ping", "Application-level ping", {}, [], {"type": "ping", "id": 4}),
 ]
 SERVER_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
-    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}}, ["sessionId", "userId", "epoch"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "id": 1}),
-    ("subscribed", "Subscribed; the next message is seqNo + 1", {"topic": _TOPIC, "seqNo": _SEQ}, ["topic", "seqNo"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "id": 2}),
+    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["integer", "null"]}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
+    ("subscribed", "Subscribed; the next message is seqNo + 1 in the topic's epoch (also sent unasked when the topic's counter starts again)", {"topic": _TOPIC, "seqNo": _SEQ, "epoch": {"type": "string"}}, ["topic", "seqNo", "epoch"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "epoch": "5e27adbe", "id": 2}),
     ("unsubscribed", "Unsubscribed", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribed", "topic": "prices"}),
     ("ack", "Publish accepted or duplicate", {"messageId": _MESSAGE_ID, "status": {"enum": ["ok", "duplicate"]}, "seqNo": _SEQ}, ["messageId", "status", "seqNo"], {"type": "ack", "messageId": "m-1", "status": "ok", "seqNo": 1, "id": 3}),
     ("message", "A published message", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
-    ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ}, ["topic", "fromSeq", "toSeq"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1}),
-    ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}}, ["sessionId", "topics", "replayed", "missed"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": []}),
+    ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ, "epoch": {"type": "string"}}, ["topic", "fromSeq", "toSeq", "epoch"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1, "epoch": "5e27adbe"}),
+    ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}}, ["sessionId", "topics", "replayed", "missed", "epochs"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": [], "epochs": {"prices": "5e27adbe"}}),
     ("refreshed", "Token replaced", {"expiresAt": {"type": ["integer", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
     ("presence", "Distinct users subscribed", {"topic": _TOPIC, "users": {"type": "array", "items": {"type": "string"}}, "count": _SEQ}, ["topic", "users", "count"], {"type": "presence", "topic": "prices", "users": ["alice"], "count": 1}),
     ("pong", "Answer to ping", {}, [], {"type": "pong", "id": 4}),
-    ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
+    ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ, "epoch": {"type": "string"}}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
 ]
+
+
+def configured(node: Any, max_topic_length: int, max_message_id_length: int) -> Any:
+    """A copy of a schema tree with the topic and messageId length limits this server runs with."""
+    if node is _TOPIC:
+        return {**_TOPIC, "maxLength": max_topic_length}
+    if node is _MESSAGE_ID:
+        return {**_MESSAGE_ID, "maxLength": max_message_id_length}
+    if isinstance(node, dict):
+        return {k: configured(v, max_topic_length, max_message_id_length) for k, v in node.items()}
+    if isinstance(node, list):
+        return [configured(v, max_topic_length, max_message_id_length) for v in node]
+    return node
 
 
 def message_schema(kind: str, properties: dict, required: list[str]) -> dict:
@@ -2824,7 +2837,7 @@ def openapi_document(config: Config) -> dict:
     if config.echo:
         paths["/echo"] = {"get": {"summary": "WebSocket echo, for conformance testing", "responses": {"101": {"description": "switching protocols"}, **upgrade_errors}}}
     integer = {"type": "integer", "minimum": 0}
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway. The WebSocket messages are in /asyncapi.json."},
         "paths": paths,
@@ -2855,6 +2868,7 @@ def openapi_document(config: Config) -> dict:
             },
         },
     }
+    return configured(document, config.max_topic_length, config.max_message_id_length)
 
 
 def protocol_limits(config: Config) -> dict:
@@ -2866,6 +2880,14 @@ def protocol_limits(config: Config) -> dict:
         "maxSubscriptions": config.max_subscriptions,
         "maxConnections": config.max_connections,
         "maxBuffer": config.max_buffer,
+        "maxHeadSize": config.max_head_size,
+        "maxBodySize": config.max_body_size,
+        "maxSessions": config.max_sessions,
+        "dedupPerUser": config.dedup_per_user,
+        "dedupTotal": config.dedup_total,
+        "historyBytes": config.history_bytes,
+        "handshakeTimeout": config.handshake_timeout,
+        "closeTimeout": config.close_timeout,
         "publishRate": config.publish_rate,
         "publishBurst": config.publish_burst,
         "dedupWindow": config.dedup_window,
@@ -2890,6 +2912,7 @@ def asyncapi_document(config: Config, host: str | None = None) -> dict:
     for direction, table in (("client", CLIENT_MESSAGES), ("server", SERVER_MESSAGES)):
         for kind, summary, properties, required, example in table:
             name = f"{direction}.{kind}"
+            properties = configured(properties, config.max_topic_length, config.max_message_id_length)
             schemas[name] = message_schema(kind, properties, required)
             messages[name] = {
                 "name": kind,
