@@ -341,6 +341,7 @@ class RawClient:
         sock.settimeout(timeout)
         sock.connect((host, port))
         self.sock = context.wrap_socket(sock, server_hostname=host) if context is not None else sock
+        self.timeout = timeout
         self.buffer = b""
 
     def __enter__(self) -> RawClient:
@@ -420,6 +421,18 @@ class RawClient:
         for _ in dict.fromkeys(fields.get("topics", ())):
             assert self.recv_json()["type"] == "subscribed"
         return ready
+
+    def pending(self) -> bytes:
+        """What has arrived and is not read yet, without waiting (the buffer is kept)."""
+        self.sock.setblocking(False)
+        try:
+            while chunk := self.sock.recv(65536):
+                self.buffer += chunk
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(self.timeout)
+        return self.buffer
 
     def at_eof(self) -> bool:
         """True once the server has closed the TCP connection (what arrives meanwhile is kept in the buffer)."""
@@ -517,8 +530,13 @@ class ServerHandle:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def tick(self) -> None:
-        """Run the server's timer sweep now, at its clock's time."""
+        """Run the server's timer sweep now, at its clock's time, and wait until what it queued is written."""
         self.call(self.server.tick)
+        self.sync()
+
+    def sync(self) -> None:
+        """Wait until the server's loop has run what is already scheduled (the flush of queued frames, say)."""
+        self.call(lambda: None)
 
     def publish(self, topic: str, data: Any, **kwargs: Any) -> ms.PublishResult:
         """Server.publish, in the server's loop."""
