@@ -12,15 +12,20 @@ One helper per job:
     FakeClock                  the injectable clock: moves only when a test advances it
     masked(...)                a client (masked) frame built by hand
     parse_frames(data)         every complete frame in a buffer
+    random_client_bytes(rng)   client-ish bytes for the codec and connection fuzzers
     BrokerDriver, broker_driver  the sans-I/O broker, driven through handle() like the I/O layer
+    seqs_of, assert_error      reading what a client received
     make_request(...)          a parsed ms.Request, for in-process handshake and route tests
     parse_response(data)       (status, headers, body) of serialized HTTP response bytes
+    upgrade_request(path)      the bytes of an opening handshake
     RawClient                  the raw-socket client (blocking, with timeouts)
-    http_request(url, ...)     one HTTP request on a fresh socket
-    ServerHandle, server_factory  the in-process server: its own thread and event loop
+    http_request(url, ...)     one HTTP request on a fresh socket (http or https)
+    ServerHandle, server_factory  the in-process server: its own thread and event loop; the one
+                               place a Server is built (parametrize server_factory to vary it)
     live_url                   the URL of a running server, for the black-box tests
+    wait_until(predicate)      poll, for what has no event to wait on
     recv_json, request, setup  the websockets-client helpers; wsclient: the library or a skip
-    cli(...), SCRIPT, child_env  the server as a subprocess
+    cli(...), SCRIPT, child_env, free_port, read_banner  the server as a subprocess
 
 Timeouts: every test is bounded by TEST_TIMEOUT (SIGALRM), every coroutine by run()'s timeout and
 every socket read by its socket timeout, so a hang fails instead of stalling the suite.
