@@ -73,6 +73,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: needs a Redis server for the backbone tests (none yet)")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every broker-level test and every black-box protocol test once per backbone: the
+    in-memory one, and the deferred doubles that answer in later turns (the seam is real)."""
+    for fixture in ("broker_driver", "live_url"):
+        if fixture in metafunc.fixturenames:
+            metafunc.parametrize(fixture, BACKBONES, indirect=True)
+
+
 # -- timeouts
 
 
@@ -161,6 +169,61 @@ def random_client_bytes(rng: random.Random) -> bytes:
 # -- the broker, sans-I/O
 
 
+# -- backbones: the in-memory one, and test doubles that answer later
+
+BACKBONES = ("memory", "deferred", "deferred-split")
+
+
+class DeferredBackbone:
+    """The in-memory backbone, answering late: every completion is held until a later turn of
+    `schedule` (an event loop's call_soon, or a queue the test drains), as a remote backbone's
+    replies would be. With `split`, deliveries also arrive in a turn of their own, apart from the
+    publish's reply (as Redis pub/sub arrives on another connection than the script's result);
+    without it they arrive at once, before the publisher's ack is even answered. Requests reach
+    the inner backbone at once and in order (one pipelined connection keeps order too)."""
+
+    ANSWERED = frozenset(("publish", "join", "history", "create_session", "get_session", "claim_session", "presence"))
+
+    def __init__(self, inner: ms.MemoryBackbone, schedule: Callable[[Callable[[], None]], None], split: bool) -> None:
+        self.inner = inner
+        self.schedule = schedule
+        self.split = split
+        self.epoch = inner.epoch
+        self.broker: ms.Broker | None = None
+
+    def bind(self, broker: ms.Broker) -> None:
+        self.broker = broker
+        self.inner.bind(self)  # the inner backbone delivers and takes over through this double
+
+    def deliver(self, *delivery: Any) -> None:
+        if self.split:
+            self.schedule(lambda: self.broker.deliver(*delivery))
+        else:
+            self.broker.deliver(*delivery)
+
+    def take_over(self, holder: ms.Client) -> None:
+        self.broker.take_over(holder)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name not in self.ANSWERED:
+            return method
+
+        def request(*args: Any) -> None:
+            *args, done = args
+            method(*args, lambda result: self.schedule(lambda: done(result)))
+
+        return request
+
+
+def make_backbone(kind: str, config: ms.Config, clock: Callable[[], float], schedule: Callable | None) -> Any:
+    """A backbone of `kind` (one of BACKBONES) on `clock`; the deferred ones run late work through `schedule`."""
+    inner = ms.MemoryBackbone(config, clock)
+    if kind == "memory":
+        return inner
+    return DeferredBackbone(inner, schedule, split=kind == "deferred-split")
+
+
 class BrokerDriver:
     """A sans-I/O Broker on a FakeClock, driven the way the I/O layer drives it.
 
@@ -169,9 +232,12 @@ class BrokerDriver:
     shows) and PublishResults, not at the broker's internal tables.
     """
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, backbone: str = "memory", **config: Any) -> None:
         self.clock = FakeClock()
-        self.broker = ms.Broker(ms.Config(**config), clock=self.clock)
+        self._late: list[Callable[[], None]] = []  # what a deferred backbone runs in a later turn
+        config = ms.Config(**config)
+        self.backbone = make_backbone(backbone, config, self.clock, self._late.append)
+        self.broker = ms.Broker(config, self.backbone, clock=self.clock)
         self._ready: dict[int, dict] = {}
         self._clients: list[ms.Client] = []  # kept alive, so that id() stays unique
         self._ids = itertools.count(1)
@@ -195,8 +261,16 @@ class BrokerDriver:
         """The `ready` that client got from the setup done by connect()."""
         return self._ready[id(client)]
 
+    def settle(self) -> None:
+        """Let a deferred backbone answer everything it holds (later turns, in order)."""
+        while self._late:
+            late, self._late[:] = list(self._late), []
+            for work in late:
+                work()
+
     def take(self, client: ms.Client) -> list[dict]:
-        """Empty a client's outbox, as the I/O layer's flush does, and return its messages decoded."""
+        """Settle, then empty a client's outbox as the I/O layer's flush does; its messages decoded."""
+        self.settle()
         data = client.take_output() if client.out else b""
         self.broker.dirty = [c for c in self.broker.dirty if c.out]  # the flush empties the dirty list
         out = []
@@ -233,7 +307,10 @@ class BrokerDriver:
         seqs = []
         for _ in range(n):
             k = next(self._ids)
-            result = self.broker.publish(user, topic, f"{topic}-{k}", {"n": k, "pad": "x" * size})
+            results: list = []
+            self.broker.publish_checked(user, topic, f"{topic}-{k}", {"n": k, "pad": "x" * size}, "test", results.append)
+            self.settle()
+            (result,) = results
             assert result.status == "ok", result
             seqs.append(result.seq_no)
         return seqs
@@ -257,9 +334,8 @@ class BrokerDriver:
 
     def sweep(self) -> None:
         """What the server's timer sweep (Server.tick) does to the broker, at the clock's time."""
-        self.broker.expire_sessions()
-        self.broker.history.expire()
-        self.broker.forget_idle_topics()
+        self.broker.sweep()
+        self.settle()
 
     def flushed(self) -> None:
         """The I/O layer wrote every outbox now: the broker records publish -> socket latency."""
@@ -271,9 +347,12 @@ class BrokerDriver:
 
 
 @pytest.fixture
-def broker_driver() -> Callable[..., BrokerDriver]:
-    """Make BrokerDrivers: broker_driver(**config) -> a Broker with Config(**config) on a fresh FakeClock."""
-    return BrokerDriver
+def broker_driver(request) -> Callable[..., BrokerDriver]:
+    """Make BrokerDrivers: broker_driver(**config) -> a Broker with Config(**config) on a fresh
+    FakeClock, behind the in-memory backbone, or behind a deferred one for tests marked
+    `every_backbone` (they run once per kind in BACKBONES)."""
+    kind = getattr(request, "param", "memory")
+    return lambda **config: BrokerDriver(kind, **config)
 
 
 def seqs_of(messages: list[dict], topic: str | None = None) -> list[int]:
@@ -483,8 +562,9 @@ class ServerHandle:
     state goes through call(), which runs it in the server's loop.
     """
 
-    def __init__(self, config: ms.Config, clock: Callable[[], float]) -> None:
+    def __init__(self, config: ms.Config, clock: Callable[[], float], backbone: str = "memory") -> None:
         self.clock = clock
+        self.backbone_kind = backbone
         self.server: ms.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -498,7 +578,9 @@ class ServerHandle:
 
     async def _main(self, config: ms.Config) -> None:
         try:
-            self.server = ms.Server(config, clock=self.clock)  # the one place the tests construct a Server
+            loop = asyncio.get_running_loop()
+            backbone = make_backbone(self.backbone_kind, config, self.clock, loop.call_soon)
+            self.server = ms.Server(config, clock=self.clock, backbone=backbone)  # the one place the tests construct a Server
             await self.server.start()
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             self._error = exc
@@ -544,8 +626,12 @@ class ServerHandle:
         self.call(lambda: None)
 
     def publish(self, topic: str, data: Any, **kwargs: Any) -> ms.PublishResult:
-        """Server.publish, in the server's loop."""
-        return self.call(lambda: self.server.publish(topic, data, **kwargs))
+        """await Server.publish(...), in the server's loop."""
+
+        async def publish() -> ms.PublishResult:
+            return await self.server.publish(topic, data, **kwargs)
+
+        return self.wait(publish())
 
     def stats(self) -> dict:
         """Broker.stats(), the numbers behind /stats."""
@@ -567,8 +653,8 @@ def server_factory():
     """Start in-process servers: server_factory(clock=None, **config) -> ServerHandle on 127.0.0.1, port 0; all stopped afterwards."""
     handles: list[ServerHandle] = []
 
-    def start(clock: Callable[[], float] | None = None, **config: Any) -> ServerHandle:
-        handle = ServerHandle(ms.Config(host="127.0.0.1", port=0, **config), clock or time.monotonic)
+    def start(clock: Callable[[], float] | None = None, backbone: str = "memory", **config: Any) -> ServerHandle:
+        handle = ServerHandle(ms.Config(host="127.0.0.1", port=0, **config), clock or time.monotonic, backbone)
         handles.append(handle)
         return handle
 
@@ -578,9 +664,11 @@ def server_factory():
 
 
 @pytest.fixture
-def live_url(server_factory):
-    """live_url(**config) -> the http:// base URL of a running server: all the black-box tests get."""
-    return lambda **config: server_factory(**config).url()
+def live_url(server_factory, request):
+    """live_url(**config) -> the http:// base URL of a running server: all the black-box tests
+    get. Each black-box test runs once per backbone in BACKBONES (see pytest_generate_tests)."""
+    kind = getattr(request, "param", "memory")
+    return lambda **config: server_factory(backbone=kind, **config).url()
 
 
 def ws_url(base: str, path: str = "/ws") -> str:
