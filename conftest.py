@@ -13,7 +13,8 @@ One helper per job:
     masked(...)                a client (masked) frame built by hand
     parse_frames(data)         every complete frame in a buffer
     random_client_bytes(rng)   client-ish bytes for the codec and connection fuzzers
-    BrokerDriver, broker_driver  the sans-I/O broker, driven through handle() like the I/O layer
+    BrokerDriver, broker_driver  the sans-I/O broker, driven through handle() like the I/O layer;
+                               BrokerDriver(**config).app(): an App around it, for route tests
     seqs_of, assert_error      reading what a client received
     make_request(...)          a parsed ms.Request, for in-process handshake and route tests
     parse_response(data)       (status, headers, body) of serialized HTTP response bytes
@@ -344,6 +345,10 @@ class BrokerDriver:
     def stats(self) -> dict:
         """What /stats would show."""
         return self.broker.stats()
+
+    def app(self) -> ms.App:
+        """The App the server would build around this driver's broker (for in-process route and handshake tests)."""
+        return ms.App(self.broker.config, self.broker)
 
 
 @pytest.fixture

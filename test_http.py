@@ -12,7 +12,7 @@ import json
 import pytest
 
 import microsocket as ms
-from conftest import parse_response
+from conftest import BrokerDriver, parse_response
 
 
 # === 4. HTTP/1.1 ==================================================================================
@@ -173,12 +173,12 @@ def handshake_request(method: str = "GET", path: str = "/ws", version: str = "1.
     return ms.parse_request_head("\r\n".join(lines).encode())
 
 
-def app_handle(request: ms.Request, **config) -> ms.Response | ms.Upgrade:
-    """Route a request through a fresh App, as the server does."""
-    return ms.App(ms.Config(**config), ms.Broker(ms.Config(**config))).handle(request)
+def app_handle(request: ms.Request, **config) -> ms.Response | ms.Upgrade | ms.PendingResponse:
+    """Route a request through a fresh App (around a BrokerDriver's broker), as the server does."""
+    return BrokerDriver(**config).app().handle(request)
 
 
-UPGRADE_REQUIRED = {"upgrade": "websocket", "sec-websocket-version": "13"}
+UPGRADE_REQUIRED = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13"}
 
 
 def test_accept_key_rfc_example():
@@ -215,6 +215,10 @@ def test_handshake_failures(changes, status, headers):
     sent = {k.lower(): v for k, v in response.headers}
     assert headers.items() <= sent.items()
     assert "error" in json.loads(response.body)
+    for keep_alive, option in ((True, "keep-alive"), (False, "close")):  # one Connection line, options merged
+        head = response.serialize(keep_alive).split(b"\r\n\r\n")[0].decode().split("\r\n")
+        connection = [line.split(": ", 1)[1] for line in head if line.lower().startswith("connection:")]
+        assert connection == (["Upgrade, " + option] if status == 426 else [option]), head
 
 
 @pytest.mark.parametrize(
@@ -227,17 +231,20 @@ def test_handshake_accepts_token_lists_any_case(changes):
 
 
 def test_handshake_101_response():
-    """The 101 carries Upgrade, Connection and the RFC's accept value, and no subprotocol or extension although both were offered."""
-    request = handshake_request(
-        Sec_WebSocket_Protocol="chat, superchat", Sec_WebSocket_Extensions="permessage-deflate; client_max_window_bits"
-    )
-    upgrade = app_handle(request)
-    assert isinstance(upgrade, ms.Upgrade) and upgrade.kind == "ws"
-    status, headers, body = parse_response(upgrade.response)
-    assert (status, body) == (101, b"")
-    assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    assert headers["upgrade"].lower() == "websocket" and "upgrade" in headers["connection"].lower()
-    assert "sec-websocket-protocol" not in headers and "sec-websocket-extensions" not in headers
+    """The 101 carries Upgrade, Connection and the RFC's accept value, no extension although one was offered, and
+    Sec-WebSocket-Protocol: microsocket.v1 only when the client offered it (never another offered subprotocol)."""
+    extensions = "permessage-deflate; client_max_window_bits"
+    for offered, selected in (("chat, superchat", None), ("chat, microsocket.v1", ms.SUBPROTOCOL), (None, None)):
+        request = handshake_request(Sec_WebSocket_Protocol=offered, Sec_WebSocket_Extensions=extensions)
+        upgrade = app_handle(request)
+        assert isinstance(upgrade, ms.Upgrade) and upgrade.kind == "ws"
+        assert upgrade.response == ms.handshake_response(RFC_WS_KEY, selected)
+        status, headers, body = parse_response(upgrade.response)
+        assert (status, body) == (101, b"")
+        assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        assert headers["upgrade"].lower() == "websocket" and "upgrade" in headers["connection"].lower()
+        assert headers.get("sec-websocket-protocol") == selected, offered
+        assert "sec-websocket-extensions" not in headers
 
 
 def test_handshake_sub_socket_and_echo_paths():

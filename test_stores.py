@@ -10,7 +10,7 @@ import gc
 import tracemalloc
 
 import microsocket as ms
-from conftest import FakeClock
+from conftest import BrokerDriver, FakeClock
 
 
 # === 8. Topic store ===============================================================================
@@ -45,7 +45,7 @@ class _CountingDict(dict):
 
 
 def _store_and_clients(n: int):
-    broker = ms.Broker(ms.Config())
+    broker = BrokerDriver().broker  # a Client needs a broker (with its backbone); the store itself never asks it anything
     return ms.TopicStore(), [ms.Client(broker) for _ in range(n)]
 
 
