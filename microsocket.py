@@ -10,19 +10,20 @@ The protocol in ten lines (the full contract is the README's protocol reference)
 
     client                                  server
     {"type":"setup","token":"alice"}     -> {"type":"ready","sessionId":..,"userId":"alice","epoch":..}
-    {"type":"subscribe","topic":"t"}     -> {"type":"subscribed","topic":"t","seqNo":0}
+    {"type":"subscribe","topic":"t"}     -> {"type":"subscribed","topic":"t","seqNo":0,"epoch":..}
     {"type":"publish","topic":"t",
-     "messageId":"m1","payload":{..}}    -> {"type":"message","topic":"t","seqNo":1,"messageId":"m1","data":{..}}
-                                            to every subscriber, then {"type":"ack","messageId":"m1",
-                                            "status":"ok","seqNo":1} to the publisher
+     "messageId":"m1","payload":{..}}    -> {"type":"ack","messageId":"m1","status":"ok","seqNo":1} to the
+                                            publisher, and {"type":"message","topic":"t","seqNo":1,
+                                            "messageId":"m1","data":{..}} to every subscriber
     the same messageId again             -> {"type":"ack",..,"status":"duplicate","seqNo":1}, not delivered
     {"type":"replay","topic":"t","fromSeq":1} -> the retained messages, then {"type":"replayed",..}
     {"type":"resume","sessionId":..}     -> what this session missed, then {"type":"resumed",..}
     anything wrong                       -> {"type":"error","code":"INVALID_TOPIC",..}; the connection stays
 
 Every message is one JSON object in one text frame; a client may add "id" to any message and the
-direct reply carries it back. Topics are sequenced one by one (seqNo 1, 2, ...), deduplicated per
-user by messageId, and kept in a bounded history for replay.
+direct reply carries it back; replies keep the order of requests. Topics are sequenced one by one
+(seqNo 1, 2, ... within the topic's epoch), deduplicated per user by messageId, and kept in a
+bounded history for replay. The shared state sits behind a backbone (in this process's memory).
 
 What it does not do (yet): JWT auth and ACLs, signed messages, permessage-deflate, several
 processes sharing one Redis. Demo auth accepts any non-empty token as the userId.
@@ -31,17 +32,17 @@ Embedding it in an asyncio program::
 
     server = microsocket.Server(microsocket.Config(port=0))
     await server.start()                    # server.port is the bound port
-    server.publish("prices", {"btc": 1})    # -> PublishResult(status, message_id, seq_no, subscribers)
+    await server.publish("prices", {"btc": 1})   # -> PublishResult(status, message_id, seq_no, subscribers)
     await server.close()                    # closes every connection with 1001
 
 Contents (each section uses only those above it; grep for "# === N."):
 
-     0. Header              5. WebSocket handshake          10. History
-     1. Constants, limits   6. WebSocket connection          11. Auth
-     2. Errors              7. Pub/sub message schema        12. Broker
-     3. Frame codec         8. Topic store                   13. HTTP routes
-     4. HTTP/1.1            9. Dedup                         14. Server I/O (asyncio)
-                                                             15. Command line
+     0. Header              6. WebSocket connection          12. Broker
+     1. Constants, limits   7. Pub/sub message schema        13. Backbones
+     2. Errors              8. Topic store                   14. HTTP routes
+     3. Frame codec         9. Dedup                         15. Server I/O (asyncio)
+     4. HTTP/1.1           10. History and sessions          16. Command line
+     5. WebSocket handshake 11. Auth
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ __all__ = [
     "Broker",
     "Client",
     "PublishResult",
+    "Backbone",
+    "MemoryBackbone",
     "WebSocketConnection",
     "Frame",
     "Opcode",
@@ -186,7 +189,7 @@ def is_valid_close_code(code: int) -> bool:
 # === 2. Errors ====================================================================================
 #
 # Four exceptions, each turned into one kind of answer in one place: ProtocolError into a close
-# code (section 6), HTTPError into an HTTP status (section 13), ClientError into an `error` message
+# code (section 6), HTTPError into an HTTP status (section 14), ClientError into an `error` message
 # (section 12). Nothing else crosses a section boundary as an exception.
 
 
@@ -837,7 +840,7 @@ class WebSocketConnection:
                 self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code)))
             self.state = CLOSED
             self._end_message()
-        # A pong needs nothing: any input at all counts as a sign of life (section 14).
+        # A pong needs nothing: any input at all counts as a sign of life (section 15).
 
     # -- output
 
@@ -1155,11 +1158,12 @@ class Dedup:
             del self._users[user]
 
 
-# === 10. History and sessions ===================================================================
+# === 10. History and sessions ====================================================================
 #
 # Each topic keeps its most recent messages for `replay`, bounded by count per topic, by age, and
 # by bytes across all topics; the oldest goes first. An entry is (seqNo, time, frame bytes): the
 # same frame that was broadcast, so a replay re-sends bytes without encoding anything again.
+# A `Session` is what outlives a connection for resume: its user and, per topic, a `Position`.
 
 
 class History:
