@@ -46,19 +46,22 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,}\Z")
 
 
 def test_e2e_setup_ready_then_subscribed_in_order(live_url):
-    """setup with topics gets ready {sessionId, userId, epoch} then one subscribed per topic, in order."""
+    """setup with topics gets ready {sessionId, userId, epoch, expiresAt: null} then one subscribed {topic, seqNo, epoch} per topic, in order, each topic's epoch the same for every connection."""
 
     async def main():
         base = live_url()
         async with connect(ws_url(base)) as ws1, connect(ws_url(base)) as ws2:
             ready = await setup(ws1, "alice", topics=["b", "a", "c"], id="s")
-            assert set(ready) == {"type", "sessionId", "userId", "epoch", "id"}
+            assert set(ready) == {"type", "sessionId", "userId", "epoch", "expiresAt", "id"}
             assert SESSION_ID.match(ready["sessionId"]) and ready["userId"] == "alice" and ready["id"] == "s"
-            assert isinstance(ready["epoch"], str) and ready["epoch"]
+            assert isinstance(ready["epoch"], str) and ready["epoch"] and ready["expiresAt"] is None
             subs = [await recv_json(ws1) for _ in range(3)]
-            assert subs == [{"type": "subscribed", "topic": t, "seqNo": 0, "id": "s"} for t in ("b", "a", "c")]
-            ready2 = await setup(ws2, "alice")
+            epochs = {sub.get("topic"): sub.get("epoch") for sub in subs}
+            assert subs == [{"type": "subscribed", "topic": t, "seqNo": 0, "epoch": epochs[t], "id": "s"} for t in ("b", "a", "c")]
+            assert all(isinstance(epoch, str) and epoch for epoch in epochs.values()), epochs
+            ready2 = await setup(ws2, "alice", topics=["a"])
             assert ready2["sessionId"] != ready["sessionId"] and ready2["epoch"] == ready["epoch"]
+            assert await recv_json(ws2) == {"type": "subscribed", "topic": "a", "seqNo": 0, "epoch": epochs["a"]}
             await pong_check(ws1, 1)
 
     run(main())
@@ -78,8 +81,8 @@ def test_e2e_session_ids_unique(live_url):
     run(main())
 
 
-def test_e2e_publish_message_then_ack(live_url):
-    """A subscribed publisher gets its message then its ack; another subscriber gets the message."""
+def test_e2e_publish_ack_then_message(live_url):
+    """A subscribed publisher gets its ack then its own message; another subscriber gets the message."""
 
     async def main():
         base = live_url()
@@ -90,8 +93,8 @@ def test_e2e_publish_message_then_ack(live_url):
             await recv_json(sub)
             await pub.send(json.dumps({"type": "publish", "topic": "t", "messageId": "m1", "payload": {"v": 1}, "id": 5}))
             message = {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m1", "data": {"v": 1}}
-            assert await recv_json(pub) == message
             assert await recv_json(pub) == {"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1, "id": 5}
+            assert await recv_json(pub) == message
             assert await recv_json(sub) == message
 
     run(main())
@@ -104,16 +107,20 @@ def test_e2e_sub_socket_percent_decoded_and_locked(live_url):
         base = live_url()
         async with connect(ws_url(base, "/ws/sub/caf%C3%A9")) as ws:
             await setup(ws, "alice", topics=["café"])
-            assert await recv_json(ws) == {"type": "subscribed", "topic": "café", "seqNo": 0}
+            subscribed = await recv_json(ws)
+            epoch = subscribed.get("epoch")
+            assert subscribed == {"type": "subscribed", "topic": "café", "seqNo": 0, "epoch": epoch} and isinstance(epoch, str) and epoch
             reply = await request(ws, {"type": "subscribe", "topic": "other", "id": 1})
             assert (reply["type"], reply["code"], reply["topic"], reply["id"]) == ("error", "TOPIC_LOCKED", "other", 1)
             await pong_check(ws, 2)
             await ws.send(json.dumps({"type": "publish", "topic": "café", "messageId": "m"}))
-            assert (await recv_json(ws))["type"] == "message"
             assert (await recv_json(ws))["type"] == "ack"
+            assert (await recv_json(ws))["type"] == "message"
+            assert await request(ws, {"type": "subscribe", "topic": "café"}) == {"type": "subscribed", "topic": "café", "seqNo": 1, "epoch": epoch}
         async with connect(ws_url(base, "/ws/sub/a.b")) as ws:
             await setup(ws, "bob", topics=["a.b", "a.b"])
-            assert await recv_json(ws) == {"type": "subscribed", "topic": "a.b", "seqNo": 0}
+            subscribed = await recv_json(ws)
+            assert subscribed == {"type": "subscribed", "topic": "a.b", "seqNo": 0, "epoch": subscribed.get("epoch")}
             await pong_check(ws, 3)  # no second subscribed came first
 
     run(main())
@@ -282,7 +289,7 @@ def test_e2e_fan_out_to_500_subscribers(live_url):
 
 
 def test_replay_end_to_end(live_url):
-    """Over a real connection, replay returns the retained messages in order, then replayed."""
+    """Over a real connection, replay returns the retained messages in order, then replayed with the topic's epoch; one from before the oldest, or with another epoch, is REPLAY_UNAVAILABLE."""
 
     async def main():
         base = live_url(history_messages=4)
@@ -293,10 +300,16 @@ def test_replay_end_to_end(live_url):
             await ws.send(json.dumps({"type": "replay", "topic": "news", "fromSeq": 3, "id": 1}))
             got = [await recv_json(ws) for _ in range(5)]
             assert [(m["seqNo"], m["data"]) for m in got[:4]] == [(n, {"i": n - 1}) for n in (3, 4, 5, 6)]
-            assert got[4] == {"type": "replayed", "topic": "news", "fromSeq": 3, "toSeq": 6, "id": 1}
+            epoch = got[4].get("epoch")
+            assert got[4] == {"type": "replayed", "topic": "news", "fromSeq": 3, "toSeq": 6, "epoch": epoch, "id": 1}
             error = await request(ws, {"type": "replay", "topic": "news", "fromSeq": 2})
-            assert (error["code"], error["oldestSeq"]) == ("REPLAY_UNAVAILABLE", 3)
+            assert (error["code"], error["oldestSeq"], error["epoch"]) == ("REPLAY_UNAVAILABLE", 3, epoch)
+            await ws.send(json.dumps({"type": "replay", "topic": "news", "fromSeq": 6, "epoch": epoch}))
+            assert [await recv_json(ws) for _ in range(2)][1] == {"type": "replayed", "topic": "news", "fromSeq": 6, "toSeq": 6, "epoch": epoch}
+            error = await request(ws, {"type": "replay", "topic": "news", "fromSeq": 6, "epoch": epoch + "-old"})
+            assert (error["code"], error["oldestSeq"], error["epoch"]) == ("REPLAY_UNAVAILABLE", 3, epoch)
             assert (await request(ws, {"type": "ping"}))["type"] == "pong"  # nothing else was sent
+            assert await request(ws, {"type": "subscribe", "topic": "news"}) == {"type": "subscribed", "topic": "news", "seqNo": 6, "epoch": epoch}
 
     run(main())
 
