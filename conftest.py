@@ -240,6 +240,7 @@ class BrokerDriver:
         self.backbone = make_backbone(backbone, config, self.clock, self._late.append)
         self.broker = ms.Broker(config, self.backbone, clock=self.clock)
         self._ready: dict[int, dict] = {}
+        self._subscribed: dict[int, dict[str, dict]] = {}
         self._clients: list[ms.Client] = []  # kept alive, so that id() stays unique
         self._ids = itertools.count(1)
 
@@ -256,11 +257,16 @@ class BrokerDriver:
             assert replies and replies[0]["type"] == "ready", replies
             assert all(r["type"] == "subscribed" for r in replies[1:]), replies
             self._ready[id(client)] = replies[0]
+            self._subscribed[id(client)] = {r["topic"]: r for r in replies[1:]}
         return client
 
     def ready(self, client: ms.Client) -> dict:
         """The `ready` that client got from the setup done by connect()."""
         return self._ready[id(client)]
+
+    def subscribed(self, client: ms.Client, topic: str) -> dict:
+        """The `subscribed` that client got for `topic` from the setup done by connect() (its seqNo and epoch)."""
+        return self._subscribed[id(client)][topic]
 
     def settle(self) -> None:
         """Let a deferred backbone answer everything it holds (later turns, in order)."""

@@ -27,6 +27,24 @@ def users_on(d, client: ms.Client, topic: str) -> list[str]:
     return d.one(client, {"type": "presence", "topic": topic})["users"]
 
 
+def topic_epoch(d, topic: str) -> str:
+    """The topic's epoch now, as the `subscribed` of a probe connection of its own reports it (it unsubscribes at once)."""
+    probe = d.connect("epoch-probe")
+    subscribed = d.one(probe, {"type": "subscribe", "topic": topic})
+    assert d.one(probe, {"type": "unsubscribe", "topic": topic}) == {"type": "unsubscribed", "topic": topic}
+    assert isinstance(subscribed["epoch"], str) and subscribed["epoch"], subscribed
+    return subscribed["epoch"]
+
+
+def publish_result(d, user: str, topic: str, message_id: str | None, data) -> ms.PublishResult:
+    """What Broker.publish_checked (id prefix "api") hands to its completion, once the backbone has answered."""
+    results: list = []
+    d.broker.publish_checked(user, topic, message_id, data, "api", results.append)
+    d.settle()
+    (result,) = results
+    return result
+
+
 # -- setup and authentication
 
 
@@ -230,13 +248,14 @@ def test_broker_topic_locked_on_sub_socket(broker_driver):
     c = d.connect(None, bound_topic="t")
     out = d.send(c, {"type": "setup", "token": "a", "id": 1})
     assert [m["type"] for m in out] == ["ready", "subscribed"]
-    assert out[1] == {"type": "subscribed", "topic": "t", "seqNo": 0, "id": 1}
+    epoch = out[1]["epoch"]
+    assert out[1] == {"type": "subscribed", "topic": "t", "seqNo": 0, "epoch": epoch, "id": 1}
     assert_error(d.one(c, {"type": "subscribe", "topic": "u", "id": 2}), "TOPIC_LOCKED", topic="u", id=2)
     assert_usable(d, c)
     assert_error(d.one(c, {"type": "unsubscribe", "topic": "u"}), "TOPIC_LOCKED", topic="u")
     assert_usable(d, c)
     assert (users_on(d, c, "t"), users_on(d, c, "u")) == (["a"], [])
-    assert d.one(c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
+    assert d.one(c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0, "epoch": epoch}
     assert d.one(c, {"type": "publish", "topic": "u", "messageId": "m"})["status"] == "ok"
     assert d.one(c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
     assert users_on(d, c, "t") == [] and d.stats()["subscriptions"] == 0
@@ -368,8 +387,9 @@ def test_broker_subscribe_unsubscribe_idempotent(broker_driver):
     """Subscribing or unsubscribing twice answers both times and changes the store once."""
     d = broker_driver()
     c = d.connect()
-    assert d.one(c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
-    assert d.one(c, {"type": "subscribe", "topic": "t"}) == {"type": "subscribed", "topic": "t", "seqNo": 0}
+    first = d.one(c, {"type": "subscribe", "topic": "t"})
+    assert first == {"type": "subscribed", "topic": "t", "seqNo": 0, "epoch": first["epoch"]}
+    assert d.one(c, {"type": "subscribe", "topic": "t"}) == first
     assert d.stats()["subscriptions"] == 1
     assert d.one(c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
     assert d.one(c, {"type": "unsubscribe", "topic": "t"}) == {"type": "unsubscribed", "topic": "t"}
@@ -446,14 +466,14 @@ def test_broker_dedup_window_uses_the_injected_clock(broker_driver):
     assert d.publish(c, "t", "m")[0] == {"type": "ack", "messageId": "m", "status": "ok", "seqNo": 2}
 
 
-def test_broker_publisher_gets_own_message_before_ack(broker_driver):
-    """A subscribed publisher receives its own message, then the ack."""
+def test_broker_publisher_gets_ack_before_own_message(broker_driver):
+    """A subscribed publisher receives the ack, then its own message (the ack's place is reserved in request order)."""
     d = broker_driver()
     c = d.connect(topics=["t"])
     out = d.publish(c, "t", "m1", {"x": [1, 2]}, id=1)
     assert out == [
-        {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m1", "data": {"x": [1, 2]}},
         {"type": "ack", "messageId": "m1", "status": "ok", "seqNo": 1, "id": 1},
+        {"type": "message", "topic": "t", "seqNo": 1, "messageId": "m1", "data": {"x": [1, 2]}},
     ]
 
 
@@ -490,7 +510,7 @@ def test_rate_limit_token_bucket_and_retry_with_same_message_id(broker_driver):
     client = d.connect(topics=["t"])
     for i in range(1, 6):
         replies = d.send(client, {"type": "publish", "topic": "t", "messageId": f"m{i}", "payload": i})
-        assert replies[-1] == {"type": "ack", "messageId": f"m{i}", "status": "ok", "seqNo": i}
+        assert replies[0] == {"type": "ack", "messageId": f"m{i}", "status": "ok", "seqNo": i} and seqs_of(replies) == [i]
     replies = d.send(client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6, "id": 9})
     assert len(replies) == 1, replies  # no message frame: nothing was processed
     error = replies[0]
@@ -500,7 +520,7 @@ def test_rate_limit_token_bucket_and_retry_with_same_message_id(broker_driver):
     assert d.send(client, {"type": "publish", "topic": "t", "messageId": "m6"})[0]["code"] == "RATE_LIMITED"
     d.clock.advance(0.1)
     replies = d.send(client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6})
-    assert seqs_of(replies) == [6] and replies[-1] == {"type": "ack", "messageId": "m6", "status": "ok", "seqNo": 6}
+    assert seqs_of(replies) == [6] and replies[0] == {"type": "ack", "messageId": "m6", "status": "ok", "seqNo": 6}
     d.clock.advance(1)
     replies = d.send(client, {"type": "publish", "topic": "t", "messageId": "m6", "payload": 6})
     assert replies == [{"type": "ack", "messageId": "m6", "status": "duplicate", "seqNo": 6}]
@@ -509,7 +529,7 @@ def test_rate_limit_token_bucket_and_retry_with_same_message_id(broker_driver):
     d.clock.advance(0)
     for i in range(5):
         assert d.send(other, {"type": "publish", "topic": "u", "messageId": f"o{i}"})[-1]["status"] == "ok"
-    assert d.send(client, {"type": "publish", "topic": "t", "messageId": "m7"})[-1]["status"] == "ok"
+    assert d.send(client, {"type": "publish", "topic": "t", "messageId": "m7"})[0]["status"] == "ok"
 
 
 def test_broker_presence_lists_distinct_users(broker_driver):
@@ -561,22 +581,27 @@ def test_replay_after_history_count_bound(broker_driver):
     assert seqs_of(d.send(client, {"type": "replay", "topic": "u", "fromSeq": 1})) == [1, 2]
     replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 3})
     assert seqs_of(replies) == [3, 4, 5]
-    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 3, "toSeq": 5}
+    epoch = topic_epoch(d, "t")
+    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 3, "toSeq": 5, "epoch": epoch}
     replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 2, "id": 7})
     assert len(replies) == 1, replies
     assert replies[0]["type"] == "error" and replies[0]["code"] == "REPLAY_UNAVAILABLE"
-    assert (replies[0]["oldestSeq"], replies[0]["topic"], replies[0]["id"]) == (3, "t", 7)
+    assert (replies[0]["oldestSeq"], replies[0]["topic"], replies[0]["epoch"], replies[0]["id"]) == (3, "t", epoch, 7)
 
 
 def test_replay_wrong_epoch_is_unavailable_and_nothing_else(broker_driver):
-    """replay with an epoch that is not the server's gets REPLAY_UNAVAILABLE with oldestSeq and no message frame."""
+    """replay with an epoch that is not the topic's (another one, or ready's process epoch) gets REPLAY_UNAVAILABLE
+    with oldestSeq and the topic's epoch, and no message frame."""
     d = broker_driver()
     client = d.connect()
     ready = d.ready(client)
     d.server_publish("t", 3)
-    replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 1, "epoch": ready["epoch"] + "x"})
-    assert len(replies) == 1 and replies[0]["type"] == "error"
-    assert (replies[0]["code"], replies[0]["oldestSeq"], replies[0]["topic"]) == ("REPLAY_UNAVAILABLE", 1, "t")
+    epoch = topic_epoch(d, "t")
+    for wrong in (epoch + "x", ready["epoch"]):
+        replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 1, "epoch": wrong})
+        assert len(replies) == 1 and replies[0]["type"] == "error"
+        assert (replies[0]["code"], replies[0]["oldestSeq"], replies[0]["topic"], replies[0]["epoch"]) == ("REPLAY_UNAVAILABLE", 1, "t", epoch)
+    assert d.stats()["replayed"] == 0
 
 
 def test_replay_after_history_age_bound(broker_driver):
@@ -617,22 +642,22 @@ def test_history_total_bytes_bound_across_topics(broker_driver):
 
 
 def test_replay_sends_range_as_messages_then_replayed(broker_driver):
-    """replay sends fromSeq..latest as the original message frames, then replayed {topic, fromSeq, toSeq} with the id."""
+    """replay in the topic's epoch sends fromSeq..latest as the original message frames, then replayed {topic, fromSeq, toSeq, epoch} with the id."""
     d = broker_driver()
     client = d.connect()
-    ready = d.ready(client)
     d.server_publish("t", 5)
     d.server_publish("other", 3)
-    replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 2, "epoch": ready["epoch"], "id": "r1"})
+    epoch = topic_epoch(d, "t")
+    replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 2, "epoch": epoch, "id": "r1"})
     assert [(m["topic"], m["seqNo"], m["messageId"], m["data"]["n"]) for m in replies[:-1]] == [
         ("t", n, f"t-{n}", n) for n in (2, 3, 4, 5)
     ]
     assert all(m["type"] == "message" for m in replies[:-1])
-    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 2, "toSeq": 5, "id": "r1"}
+    assert replies[-1] == {"type": "replayed", "topic": "t", "fromSeq": 2, "toSeq": 5, "epoch": epoch, "id": "r1"}
     assert d.stats()["replayed"] == 4
     # Beyond the latest: nothing, and toSeq is the latest.
     assert d.send(client, {"type": "replay", "topic": "t", "fromSeq": 9}) == [
-        {"type": "replayed", "topic": "t", "fromSeq": 9, "toSeq": 5}
+        {"type": "replayed", "topic": "t", "fromSeq": 9, "toSeq": 5, "epoch": epoch}
     ]
 
 
@@ -640,9 +665,11 @@ def test_broker_replay_edges(broker_driver):
     """Replay of an empty topic or from beyond the latest sends only `replayed` with toSeq the latest."""
     d = broker_driver()
     c = d.connect()
-    assert d.one(c, {"type": "replay", "topic": "empty", "fromSeq": 1}) == {"type": "replayed", "topic": "empty", "fromSeq": 1, "toSeq": 0}
+    empty = topic_epoch(d, "empty")
+    assert d.one(c, {"type": "replay", "topic": "empty", "fromSeq": 1}) == {"type": "replayed", "topic": "empty", "fromSeq": 1, "toSeq": 0, "epoch": empty}
     d.publish(c, "t", "m1")
-    assert d.one(c, {"type": "replay", "topic": "t", "fromSeq": 7}) == {"type": "replayed", "topic": "t", "fromSeq": 7, "toSeq": 1}
+    epoch = topic_epoch(d, "t")
+    assert d.one(c, {"type": "replay", "topic": "t", "fromSeq": 7}) == {"type": "replayed", "topic": "t", "fromSeq": 7, "toSeq": 1, "epoch": epoch}
 
 
 def test_replay_huge_from_seq_is_answered_replayed(broker_driver):
@@ -651,32 +678,34 @@ def test_replay_huge_from_seq_is_answered_replayed(broker_driver):
     client = d.connect()
     d.server_publish("t", 1)
     replies = d.send(client, {"type": "replay", "topic": "t", "fromSeq": 2**64})
-    assert replies == [{"type": "replayed", "topic": "t", "fromSeq": 2**64, "toSeq": 1}]
+    assert replies == [{"type": "replayed", "topic": "t", "fromSeq": 2**64, "toSeq": 1, "epoch": topic_epoch(d, "t")}]
 
 
 # -- topic counters
 
 
 def test_idle_topic_counter_is_forgotten_after_session_ttl_and_history_age(broker_driver):
-    """A topic with no subscriber, no retained message and no resumable session loses its counter; the next publish starts at 1."""
+    """A topic with no subscriber, no retained message and no resumable session loses its counter; the next publish starts at 1 under a new epoch."""
     d = broker_driver(session_ttl=60, history_age=30)
-    d.broker.publish("alice", "t", "m1", 1)
-    d.broker.publish("alice", "t", "m2", 2)
+    assert d.server_publish("t", 2, user="alice") == [1, 2]
+    old = topic_epoch(d, "t")
     d.clock.advance(59)
     d.sweep()
     assert d.stats()["sequenced_topics"] == 1  # past the history age, not yet past the session TTL
     d.clock.advance(2)
     d.sweep()
     assert d.stats()["sequenced_topics"] == 0
-    assert d.broker.publish("alice", "t", "m3", 3).seq_no == 1
+    assert d.server_publish("t", 1, user="alice") == [1]
+    assert topic_epoch(d, "t") != old  # a position held in the old epoch can tell the sequence restarted
 
 
 def test_topic_counter_with_subscribers_or_a_resumable_session_is_kept(broker_driver):
-    """A subscribed topic keeps its counter forever; after its last subscriber leaves, for the session TTL at least."""
+    """A subscribed topic keeps its counter and epoch forever; after its last subscriber leaves, for the session TTL at least."""
     d = broker_driver(session_ttl=60, history_age=30)
     client = d.connect("alice", topics=["t"])
     ready = d.ready(client)
-    d.broker.publish("bob", "t", "m1", 1)
+    epoch = d.subscribed(client, "t")["epoch"]
+    assert d.server_publish("t", 1, user="bob") == [1]
     d.clock.advance(10_000)
     d.sweep()
     assert d.stats()["sequenced_topics"] == 1
@@ -686,32 +715,40 @@ def test_topic_counter_with_subscribers_or_a_resumable_session_is_kept(broker_dr
     assert d.stats()["sequenced_topics"] == 1
     again = d.connect("alice")
     replies = d.send(again, {"type": "resume", "sessionId": ready["sessionId"]})
-    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": []}]
-    assert d.broker.publish("bob", "t", "m2", 2).seq_no == 2  # the sequence went on
+    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": [],
+                        "epochs": {"t": epoch}}]
+    assert d.server_publish("t", 1, user="bob") == [2]  # the sequence went on, in the same epoch
 
 
-def test_idle_time_starts_when_the_last_subscriber_leaves_and_only_published_topics_have_a_counter(broker_driver):
-    """A topic never published to has no counter; a published one's idle time starts when its last subscriber leaves."""
+def test_idle_time_starts_when_the_last_subscriber_leaves_and_subscribed_topics_have_a_counter(broker_driver):
+    """A subscribed topic has a counter and epoch, published to or not; its idle time starts when its last subscriber leaves, and a forgotten one restarts at 1 under a new epoch."""
     d = broker_driver(session_ttl=60, history_age=30, max_sessions=0)  # no session keeps the topic
     client = d.connect("alice", topics=["quiet", "busy"])
-    d.broker.publish("bob", "busy", "m1", 1)
+    epochs = {topic: d.subscribed(client, topic)["epoch"] for topic in ("quiet", "busy")}
+    assert d.stats()["sequenced_topics"] == 2  # each subscribed topic has its epoch, published to or not
+    assert d.server_publish("busy", 1, user="bob") == [1]
     d.clock.advance(100)  # idle time does not run while a subscriber is there
     d.sweep()
+    assert d.stats()["sequenced_topics"] == 2
     d.disconnect(client)
-    assert d.stats()["sequenced_topics"] == 1  # busy only
     d.clock.advance(59)
     d.sweep()
-    assert d.stats()["sequenced_topics"] == 1
+    assert d.stats()["sequenced_topics"] == 2
     d.clock.advance(2)
     d.sweep()
     assert d.stats()["sequenced_topics"] == 0
-    assert d.broker.publish("bob", "busy", "m2", 2).seq_no == 1
+    assert d.server_publish("busy", 1, user="bob") == [1]
+    again = d.connect("carol", topics=["quiet", "busy"])
+    for topic, seq_no in (("quiet", 0), ("busy", 1)):
+        subscribed = d.subscribed(again, topic)
+        assert subscribed == {"type": "subscribed", "topic": topic, "seqNo": seq_no, "epoch": subscribed["epoch"]}
+        assert subscribed["epoch"] != epochs[topic], topic
 
 
 def test_topic_counter_with_retained_history_is_kept(broker_driver):
     """A counter is not forgotten while history still holds the topic's messages (a replay must stay consistent)."""
     d = broker_driver(session_ttl=10, history_age=100)
-    d.broker.publish("alice", "t", "m1", 1)
+    assert d.server_publish("t", 1, user="alice") == [1]
     d.clock.advance(50)
     d.sweep()
     assert d.stats()["sequenced_topics"] == 1 and d.stats()["history"]["messages"] == 1
@@ -801,6 +838,7 @@ def test_resume_position_precedence(broker_driver, given, acked, expected):
     d = broker_driver()
     old = d.connect(topics=["t"])
     ready = d.ready(old)
+    epoch = d.subscribed(old, "t")["epoch"]
     d.server_publish("t", 6)
     assert seqs_of(d.take(old)) == [1, 2, 3, 4, 5, 6]
     if acked is not None:
@@ -814,7 +852,7 @@ def test_resume_position_precedence(broker_driver, given, acked, expected):
     replies = d.send(new, msg)
     assert seqs_of(replies) == expected
     assert replies[-1] == {"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"],
-                           "replayed": len(expected), "missed": [], "id": "r"}
+                           "replayed": len(expected), "missed": [], "epochs": {"t": epoch}, "id": "r"}
 
 
 def test_resume_after_unreliable_disconnect_falls_back_to_subscribe_position(broker_driver):
@@ -859,7 +897,7 @@ def test_resume_with_nothing_retained_reports_latest_plus_one(broker_driver):
     new = d.connect()
     replies = d.send(new, {"type": "resume", "sessionId": ready["sessionId"]})
     assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0,
-                        "missed": [{"topic": "t", "fromSeq": 1, "oldestSeq": 5}]}]
+                        "missed": [{"topic": "t", "fromSeq": 1, "oldestSeq": 5}], "epochs": {"t": d.subscribed(old, "t")["epoch"]}}]
 
 
 def test_live_delivery_continues_after_resumed(broker_driver):
@@ -919,7 +957,8 @@ def test_resume_of_own_attached_session_replays_nothing_already_received(broker_
     d.server_publish("t", 3)
     assert seqs_of(d.take(client)) == [1, 2, 3]
     replies = d.send(client, {"type": "resume", "sessionId": ready["sessionId"]})
-    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": []}]
+    assert replies == [{"type": "resumed", "sessionId": ready["sessionId"], "topics": ["t"], "replayed": 0, "missed": [],
+                        "epochs": {"t": d.subscribed(client, "t")["epoch"]}}]
     d.server_publish("t", 1)
     assert seqs_of(d.take(client)) == [4] and d.stats()["sessions"] == 1
 
@@ -995,13 +1034,21 @@ def test_broker_disconnect_removes_everything(broker_driver):
 
 
 def test_broker_publish_api_result(broker_driver):
-    """Broker.publish returns a PublishResult with status, messageId, seqNo and subscriber count."""
+    """Broker.publish_checked hands its completion a PublishResult with status, messageId (generated from the prefix when None), seqNo and subscriber count; a refused check raises."""
     d = broker_driver()
     d.connect("s1", topics=["t"])
     d.connect("s2", topics=["t"])
-    assert d.broker.publish("u", "t", "m", {"a": 1}) == ms.PublishResult("ok", "m", 1, 2)
-    assert d.broker.publish("u", "t", "m", {"a": 1}) == ms.PublishResult("duplicate", "m", 1, 0)
-    assert d.broker.publish("u", "empty", "m2", None) == ms.PublishResult("ok", "m2", 1, 0)
+    assert publish_result(d, "u", "t", "m", {"a": 1}) == ms.PublishResult("ok", "m", 1, 2)
+    assert publish_result(d, "u", "t", "m", {"a": 1}) == ms.PublishResult("duplicate", "m", 1, 0)
+    assert publish_result(d, "u", "empty", "m2", None) == ms.PublishResult("ok", "m2", 1, 0)
+    generated = publish_result(d, "u", "t", None, 3)
+    assert (generated.status, generated.seq_no, generated.subscribers) == ("ok", 2, 2) and generated.message_id.startswith("api-")
+    for topic, message_id, code in (("bad topic", "m3", "INVALID_TOPIC"), ("t", "", "INVALID_MESSAGE"), ("t", "x" * 257, "INVALID_MESSAGE")):
+        with pytest.raises(ms.ClientError) as info:
+            d.broker.publish_checked("u", topic, message_id, None, "api", lambda result: pytest.fail(f"answered {result}"))
+        assert info.value.code == code
+    d.settle()
+    assert d.stats()["published"] == 3 and d.stats()["duplicates"] == 1
 
 
 def test_metrics_latency_histograms_are_bounded_and_percentiles_sane(broker_driver):
@@ -1009,7 +1056,7 @@ def test_metrics_latency_histograms_are_bounded_and_percentiles_sane(broker_driv
     d = broker_driver()
     client = d.connect(topics=["t"])
     for i in range(2000):
-        d.broker.publish("p", "t", f"m{i}", i)
+        d.server_publish("t", user="p")
         d.clock.advance(0.002 if i % 10 else 0.2)  # 90 % take 2 ms, 10 % take 200 ms
         d.flushed()
         d.take(client)
