@@ -968,9 +968,12 @@ def encode_payload(data: Any) -> str:
         raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
 
 
+_quote = json.encoder.encode_basestring_ascii  # a str as a JSON string, in C where CPython has it
+
+
 def message_frame(topic: str, seq: int, message_id: str, data_json: str) -> bytes:
     """The frame of one published message: built once, sent to every subscriber, kept in history."""
-    return text_frame(f'{{"type":"message","topic":{encode(topic)},"seqNo":{seq},"messageId":{encode(message_id)},"data":{data_json}}}')
+    return text_frame(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":{data_json}}}')
 
 
 def require(msg: dict, field: str, kind: type, what: str) -> Any:
@@ -1158,7 +1161,7 @@ class Dedup:
             del self._users[user]
 
 
-# === 10. History and sessions ====================================================================
+# === 10. History and sessions =====================================================================
 #
 # Each topic keeps its most recent messages for `replay`, bounded by count per topic, by age, and
 # by bytes across all topics; the oldest goes first. An entry is (seqNo, time, frame bytes): the
@@ -1344,8 +1347,7 @@ def authenticate(token: Any) -> str:
 ACK_TIMES = 1024  # publish times kept per received topic, for the publish -> ack latency figures
 
 
-@dataclasses.dataclass(frozen=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     status: str  # "ok" or "duplicate"
     message_id: str
     seq_no: int
