@@ -1718,9 +1718,9 @@ class Broker:
             return  # not received here (any more)
         if not feed.ready:
             feed.buffer.append((epoch, seq, frame, published_at))
-        elif epoch != feed.epoch:
-            self._new_epoch(topic, feed, epoch, seq - 1)
-            self._fan_out(topic, feed, seq, frame, published_at)
+        elif epoch != feed.epoch:  # the topic started again: from 0 in the new epoch, gaps filled as usual
+            self._new_epoch(topic, feed, epoch)
+            self.deliver(topic, epoch, seq, frame, published_at)
         elif seq == feed.seq + 1:
             self._fan_out(topic, feed, seq, frame, published_at)
         elif seq > feed.seq:  # a gap: fill it from history before anything later
@@ -1775,9 +1775,10 @@ class Broker:
                 self._fan_out(topic, feed, seq, frame, None)
         self._ready(topic, feed)
 
-    def _new_epoch(self, topic: str, feed: Feed, epoch: str, seq: int) -> None:
+    def _new_epoch(self, topic: str, feed: Feed, epoch: str) -> None:
         """The topic's counter started again under a new epoch while it was received here: tell
-        each subscriber (an unsolicited `subscribed`), so clients drop their old position."""
+        each subscriber (an unasked `subscribed` at seqNo 0), so clients drop their old position."""
+        seq = 0
         feed.epoch = epoch
         feed.seq = seq
         feed.times.clear()
