@@ -1093,6 +1093,9 @@ class BrokerModel:
         self.sessions: dict[str, dict] = {}  # id -> {"user", "slot", "positions": {t: [start, acked, handed]}, "detached_at"}
         self.known_ids: list[str] = []  # every sessionId ever handed out, for resume attempts
         self.latest: dict[str, int] = {}
+        # topic -> its epoch, as first reported: no topic is forgotten here (history_age is 1e9), so
+        # every later subscribed, replayed, resumed and REPLAY_UNAVAILABLE must name the same one.
+        self.epochs: dict[str, str] = {}
         self.dedup: dict[tuple[str, str], int] = {}
         # (sessionId, topic) -> [start, seqNos received, exact]: while exact, the seqNos must be
         # start+1, start+2, ... with no gap and no repeat, across the connections of that session.
@@ -1100,6 +1103,13 @@ class BrokerModel:
         self.server_ids = 0
 
     # -- model helpers
+
+    def epoch_of(self, topic: str, reported: str) -> str:
+        """The topic's epoch: the first one reported is recorded, and every later report must be it."""
+        assert isinstance(reported, str) and reported, reported
+        known = self.epochs.setdefault(topic, reported)
+        assert reported == known, f"{topic}: epoch {reported} after {known}"
+        return known
 
     def oldest(self, topic: str) -> int | None:
         latest = self.latest.get(topic, 0)
@@ -1174,7 +1184,9 @@ class BrokerModel:
         self.sessions[sid] = {"user": user, "slot": slot, "positions": {}, "detached_at": 0.0}
         self.slots[slot] = {"client": client, "user": user, "session": sid, "topics": set(), "live": {}}
         unique = list(dict.fromkeys(topics))
-        assert replies[1:] == [{"type": "subscribed", "topic": t, "seqNo": self.latest.get(t, 0)} for t in unique]
+        assert [r.get("topic") for r in replies[1:]] == unique, replies
+        assert replies[1:] == [{"type": "subscribed", "topic": t, "seqNo": self.latest.get(t, 0), "epoch": self.epoch_of(t, r.get("epoch"))}
+                               for t, r in zip(unique, replies[1:])]
         for topic in unique:
             self.subscribed(slot, topic)
 
@@ -1183,7 +1195,9 @@ class BrokerModel:
         if conn is None:
             return
         replies = self.d.send(conn["client"], {"type": "subscribe", "topic": topic})
-        assert replies == [{"type": "subscribed", "topic": topic, "seqNo": self.latest.get(topic, 0)}]
+        assert len(replies) == 1, replies
+        epoch = self.epoch_of(topic, replies[0].get("epoch"))
+        assert replies == [{"type": "subscribed", "topic": topic, "seqNo": self.latest.get(topic, 0), "epoch": epoch}]
         self.subscribed(slot, topic)
 
     def do_unsubscribe(self, slot: int, topic: str) -> None:
@@ -1224,9 +1238,8 @@ class BrokerModel:
         message_id = f"m{k}"
         ack, expected = self._fan_out(topic, message_id, k, slot)
         replies = self.d.send(conn["client"], {"type": "publish", "topic": topic, "messageId": message_id, "payload": k})
-        # Its own copy (when subscribed) and the ack; their order is test_broker_publisher_gets_own_message_before_ack's.
-        assert [r for r in replies if r["type"] == "ack"] == [ack]
-        assert [r for r in replies if r["type"] != "ack"] == expected.get(slot, [])
+        # The ack, then its own copy when subscribed (test_broker_publisher_gets_ack_before_own_message).
+        assert replies == [ack] + expected.get(slot, [])
         self.received(slot, replies, replay=False)
         self._check_fan_out(expected, skip=slot)
 
@@ -1234,7 +1247,7 @@ class BrokerModel:
         self.server_ids += 1
         message_id = f"s{self.server_ids}"
         ack, expected = self._fan_out(topic, message_id, None, None)
-        result = self.d.broker.publish("server", topic, message_id, None)
+        result = publish_result(self.d, "server", topic, message_id, None)
         assert (result.status, result.seq_no, result.subscribers) == (ack["status"], ack["seqNo"], len(expected))
         self._check_fan_out(expected, skip=None)
 
@@ -1259,12 +1272,13 @@ class BrokerModel:
         from_seq = max(1, latest + 1 - back)
         replies = self.d.send(conn["client"], {"type": "replay", "topic": topic, "fromSeq": from_seq})
         oldest = self.oldest(topic)
+        epoch = self.epoch_of(topic, replies[-1].get("epoch"))
         if from_seq <= latest and (oldest is None or from_seq < oldest):
             assert replies == [{"type": "error", "code": "REPLAY_UNAVAILABLE", "message": replies[0].get("message"),
-                                "topic": topic, "oldestSeq": oldest or latest + 1}]
+                                "topic": topic, "oldestSeq": oldest or latest + 1, "epoch": epoch}]
             return
         assert seqs_of(replies) == list(range(from_seq, latest + 1)) and len(replies) == latest - from_seq + 2
-        assert replies[-1] == {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": latest}
+        assert replies[-1] == {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": latest, "epoch": epoch}
         # A replay on request is the client's own business: not part of its live order or its session's stream.
 
     def do_resume(self, slot: int, index: int, give_last: bool) -> None:
@@ -1283,8 +1297,9 @@ class BrokerModel:
                 start, got, _ = self.streams[(sid, topic)]
                 given[topic] = got[-1] if got else start
         msg = {"type": "resume", "sessionId": sid}
-        if give_last:
+        if give_last:  # with the epoch of each position: the topic's, as none is ever forgotten here
             msg["lastSeqPerTopic"] = given
+            msg["epochs"] = {topic: self.epochs[topic] for topic in given}
         if target is None or target["user"] != conn["user"]:
             replies = self.d.send(conn["client"], msg)
             assert [(r["type"], r["code"]) for r in replies] == [("error", "SESSION_EXPIRED")], replies
@@ -1329,6 +1344,9 @@ class BrokerModel:
         assert (resumed["sessionId"], sorted(resumed["topics"]), resumed["replayed"]) == (
             sid, sorted(topics), sum(len(f) for f in expected_frames.values()))
         assert sorted(resumed["missed"], key=lambda m: m["topic"]) == sorted(missed, key=lambda m: m["topic"])
+        assert sorted(resumed["epochs"]) == sorted(topics), resumed
+        for topic in topics:
+            self.epoch_of(topic, resumed["epochs"][topic])
         # The connection now holds the resumed session; its own one from setup is gone.
         old_topics = set(conn["topics"])
         if conn["session"] != sid:
@@ -1438,8 +1456,8 @@ def _fuzz_value(rng: random.Random, depth: int = 0):
     ])
 
 
-def _fuzz_message(rng: random.Random, session: str, epoch: str) -> str:
-    """JSON-ish text: mostly messages of a real type with mostly well-formed fields, sometimes anything."""
+def _fuzz_message(rng: random.Random, session: str, epoch: str, topic_epoch: str) -> str:
+    """JSON-ish text: mostly messages of a real type with mostly well-formed fields (epochs: the process's, topic t's, or stale), sometimes anything."""
     roll = rng.random()
     if roll < 0.05:
         return "".join(chr(rng.randint(0, 0x7F)) for _ in range(rng.randint(0, 30)))  # not JSON (mostly)
@@ -1456,7 +1474,8 @@ def _fuzz_message(rng: random.Random, session: str, epoch: str) -> str:
         "messageId": lambda: rng.choice(["m1", "m2", "m3", "x" * 300]),
         "payload": lambda: _fuzz_value(rng),
         "fromSeq": lambda: rng.randint(-1, 9),
-        "epoch": lambda: rng.choice([epoch, "old"]),
+        "epoch": lambda: rng.choice([epoch, topic_epoch, "old"]),
+        "epochs": lambda: {rng.choice(_FUZZ_TOPICS): rng.choice([topic_epoch, "old"]) for _ in range(rng.randint(0, 2))},
         "sessionId": lambda: rng.choice([session, session, "nope"]),
         "lastSeqPerTopic": lambda: {rng.choice(_FUZZ_TOPICS): rng.randint(-1, 9) for _ in range(rng.randint(0, 2))},
         "seqNo": lambda: rng.randint(-1, 9),
@@ -1480,6 +1499,7 @@ def test_fuzz_broker_random_json_gives_only_spec_error_codes(broker_driver):
         d = broker_driver(history_messages=5)
         gone = d.connect("alice", topics=["t"])  # a detached session to resume
         ready = d.ready(gone)
+        topic_epoch = d.subscribed(gone, "t")["epoch"]
         d.server_publish("t", 7)
         d.disconnect(gone)
         clients = [d.connect(None), d.connect(None)]
@@ -1487,7 +1507,7 @@ def test_fuzz_broker_random_json_gives_only_spec_error_codes(broker_driver):
             if rng.random() < 0.8:
                 d.send(client, {"type": "setup", "token": token})
         for _ in range(30):
-            text = _fuzz_message(rng, ready["sessionId"], ready["epoch"])
+            text = _fuzz_message(rng, ready["sessionId"], ready["epoch"], topic_epoch)
             who = rng.randrange(2)
             if not d.connected(clients[who]):  # taken over by the other's resume: it reconnects
                 clients[who] = d.connect(None)
