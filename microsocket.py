@@ -1936,16 +1936,20 @@ class Broker:
                 if isinstance(result, ClientError):
                     raise result
                 frames = make(result)
-            except ClientError as exc:
-                self.errors[exc.code] += 1
-                frames = [_error_frame(exc, request.get("id"))]
-            except Exception:
-                log.exception("unexpected failure completing a request")
-                self.errors["INTERNAL_ERROR"] += 1
-                frames = [_error_frame(ClientError("INTERNAL_ERROR", "the server failed to handle this message"), request.get("id"))]
-            client.fill(slot, frames)
+            except Exception as exc:
+                self._fail(client, slot, request, exc)
+            else:
+                client.fill(slot, frames)
 
         return done
+
+    def _fail(self, client: Client, slot: Slot, request: dict, exc: Exception) -> None:
+        """Fill `slot` with the error reply for `exc` (INTERNAL_ERROR for anything unexpected)."""
+        if not isinstance(exc, ClientError):
+            log.error("unexpected failure completing a request", exc_info=exc)
+            exc = ClientError("INTERNAL_ERROR", "the server failed to handle this message")
+        self.errors[exc.code] += 1
+        client.fill(slot, [_error_frame(exc, request.get("id"))])
 
     @staticmethod
     def _frame(request: dict, reply: dict) -> bytes:
@@ -2162,19 +2166,13 @@ class Broker:
 
         def done(result: Any) -> None:
             if resume.client.broker is not self or resume.slot.frames is not None:
-                return
+                return  # gone, or the resume failed already
             try:
                 if isinstance(result, ClientError):
                     raise result
                 step(result)
-            except ClientError as exc:
-                self.errors[exc.code] += 1
-                resume.client.fill(resume.slot, [_error_frame(exc, resume.msg.get("id"))])
-            except Exception:
-                log.exception("unexpected failure resuming a session")
-                self.errors["INTERNAL_ERROR"] += 1
-                error = ClientError("INTERNAL_ERROR", "the server failed to handle this message")
-                resume.client.fill(resume.slot, [_error_frame(error, resume.msg.get("id"))])
+            except Exception as exc:
+                self._fail(resume.client, resume.slot, resume.msg, exc)
 
         return done
 
