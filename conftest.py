@@ -310,7 +310,7 @@ class BrokerDriver:
         return self.send(client, msg)
 
     def server_publish(self, topic: str, n: int = 1, user: str = "pub", size: int = 0) -> list[int]:
-        """Publish `n` messages `{"n": k, "pad": ...}` through Broker.publish (as HTTP and Python do); their seqNos."""
+        """Publish `n` messages `{"n": k, "pad": ...}` through Broker.publish_checked (as HTTP and Python do), settled; their seqNos."""
         seqs = []
         for _ in range(n):
             k = next(self._ids)
