@@ -1280,6 +1280,10 @@ class Position:
     def copy(self) -> Position:
         return Position(self.start, self.epoch, self.acked, self.handed)
 
+    def values(self) -> tuple:
+        """(start, epoch, acked, handed): what Position(*values) makes again."""
+        return (self.start, self.epoch, self.acked, self.handed)
+
 
 class Session:
     """What outlives a connection for the session TTL: its id, user and positions per topic."""
@@ -1481,14 +1485,29 @@ class Feed:
         self.epoch = ""
         self.seq = 0
         self.ready = False
-        self.waiting: list[Callable[[Feed], None]] = []
-        self.buffer: list[tuple[str, int, bytes, float | None]] = []
-        self.times: collections.deque = collections.deque(maxlen=ACK_TIMES)  # publish times up to seq
+        # Made when first needed: most topics of a busy server have one subscriber and few messages.
+        self.waiting: list[Callable[[Feed], None]] | None = None
+        self.buffer: list[tuple[str, int, bytes, float | None]] | None = None
+        self.times: collections.deque | None = None  # publish times of the latest seqNos, up to seq
 
     def time_of(self, seq: int) -> float | None:
         """When message `seq` was published, if it is among the latest delivered here."""
         back = self.seq - seq
-        return self.times[-1 - back] if 0 <= back < len(self.times) and self.times[-1 - back] is not None else None
+        times = self.times
+        return times[-1 - back] if times is not None and 0 <= back < len(times) else None
+
+    def hold(self, *delivery: Any) -> None:
+        """Keep a delivery until the feed is ready again."""
+        if self.buffer is None:
+            self.buffer = []
+        self.buffer.append(delivery)
+
+    def delivered(self, seq: int, published_at: float | None) -> None:
+        self.seq = seq
+        times = self.times
+        if times is None:
+            times = self.times = collections.deque(maxlen=ACK_TIMES)
+        times.append(published_at)
 
 
 class Slot:
@@ -1526,7 +1545,7 @@ class Client:
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
         self.out: list[bytes] = []  # frames waiting for the end of this event-loop turn
-        self.held: collections.deque = collections.deque()  # frames and Slots behind an unanswered request
+        self.held: collections.deque | None = None  # frames and Slots behind an unanswered request
         self.held_bytes = 0
         self.inbox: collections.deque | None = None  # requests waiting for a resume to finish
         self.user_id: str | None = None  # set by setup
@@ -1561,14 +1580,17 @@ class Client:
     def reserve(self) -> Slot:
         """A place for a reply that comes later; what is sent after it waits for it."""
         slot = Slot()
-        self.held.append(slot)
+        if self.held is None:
+            self.held = collections.deque((slot,))
+        else:
+            self.held.append(slot)
         return slot
 
     def fill(self, slot: Slot, frames: list[bytes]) -> None:
         """Put the reply in its place and release what no longer waits."""
         slot.frames = frames
         held = self.held
-        if self.broker is None or held[0] is not slot:
+        if self.broker is None or held is None or held[0] is not slot:
             return
         out = self.out
         was_empty = not out
@@ -1582,15 +1604,16 @@ class Client:
                 out.append(item)
             held.popleft()
         if not held:
+            self.held = None
             self.held_bytes = 0
         if was_empty and out:
             self.broker.mark_dirty(self)
-        if self.inbox is not None and not held:
+        if self.inbox is not None and self.held is None:
             self.broker.run_inbox(self)
 
     def pending(self) -> bool:
         """True while a reserved reply is not filled yet."""
-        return any(item.__class__ is Slot for item in self.held)
+        return self.held is not None and any(item.__class__ is Slot for item in self.held)
 
     def take_output(self) -> bytes:
         """Everything ready to write, as one buffer, once."""
@@ -1676,7 +1699,7 @@ class Broker:
             self._leave_topic(client, topic)
         client.broker = None
         client.out.clear()
-        client.held.clear()
+        client.held = None
         client.inbox = None
         self.connections -= 1
 
@@ -1717,7 +1740,7 @@ class Broker:
         if feed is None:
             return  # not received here (any more)
         if not feed.ready:
-            feed.buffer.append((epoch, seq, frame, published_at))
+            feed.hold(epoch, seq, frame, published_at)
         elif epoch != feed.epoch:  # the topic started again: from 0 in the new epoch, gaps filled as usual
             self._new_epoch(topic, feed, epoch)
             self.deliver(topic, epoch, seq, frame, published_at)
@@ -1725,7 +1748,7 @@ class Broker:
             self._fan_out(topic, feed, seq, frame, published_at)
         elif seq > feed.seq:  # a gap: fill it from history before anything later
             feed.ready = False
-            feed.buffer.append((epoch, seq, frame, published_at))
+            feed.hold(epoch, seq, frame, published_at)
             self.backbone.history(topic, feed.seq + 1, seq - 1, lambda r: self._gap_read(topic, feed, seq - 1, r))
         # else: at or below what was delivered here already (a repeat): dropped
 
@@ -1736,8 +1759,7 @@ class Broker:
             self.request_close(holder, CloseCode.SESSION_TAKEN_OVER)
 
     def _fan_out(self, topic: str, feed: Feed, seq: int, frame: bytes, published_at: float | None) -> None:
-        feed.seq = seq
-        feed.times.append(published_at)
+        feed.delivered(seq, published_at)
         subs = self.topics.subscribers.get(topic)
         if not subs:
             return
@@ -1781,7 +1803,7 @@ class Broker:
         seq = 0
         feed.epoch = epoch
         feed.seq = seq
-        feed.times.clear()
+        feed.times = None
         notice = text_frame(encode({"type": "subscribed", "topic": topic, "seqNo": seq, "epoch": epoch}))
         for client in self.topics.subscribers.get(topic, ()):
             client.send(notice)
@@ -1817,11 +1839,11 @@ class Broker:
     def _ready(self, topic: str, feed: Feed) -> None:
         """The feed knows its position: answer who waited, then deliver what arrived meanwhile."""
         feed.ready = True
-        waiting, feed.waiting = feed.waiting, []
-        for callback in waiting:
+        waiting, feed.waiting = feed.waiting, None
+        for callback in waiting or ():
             callback(feed)
-        buffer, feed.buffer = feed.buffer, []
-        for delivery in buffer:
+        buffer, feed.buffer = feed.buffer, None
+        for delivery in buffer or ():
             self.deliver(topic, *delivery)
         if feed.ready and topic not in self.topics.subscribers:
             self._drop_feed(topic)
@@ -1829,6 +1851,8 @@ class Broker:
     def _when_ready(self, feed: Feed, callback: Callable[[Feed], None]) -> None:
         if feed.ready:
             callback(feed)
+        elif feed.waiting is None:
+            feed.waiting = [callback]
         else:
             feed.waiting.append(callback)
 
@@ -2371,20 +2395,27 @@ class _Resume:
 
 
 class _TopicState:
-    __slots__ = ("epoch", "seq")
+    __slots__ = ("epoch", "seq", "joined")
 
-    def __init__(self) -> None:
-        self.epoch = secrets.token_hex(4)
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
         self.seq = 0
+        self.joined = False  # this process receives it (the broker joined it)
 
 
 class _SessionRecord:
-    __slots__ = ("session", "holder", "detached_at")
+    __slots__ = ("user_id", "positions", "holder", "detached_at")
 
-    def __init__(self, session: Session, holder: Any) -> None:
-        self.session = session
+    def __init__(self, user_id: str, holder: Any) -> None:
+        self.user_id = user_id
+        # topic -> (start, epoch, acked, handed) of a Position: plain values, made at the first topic
+        self.positions: dict[str, tuple] | None = None
         self.holder = holder  # the connection it is attached to; None while detached
         self.detached_at = 0.0
+
+    def session(self, session_id: str) -> Session:
+        """A copy, as the broker gets it."""
+        return Session(session_id, self.user_id, {t: Position(*p) for t, p in (self.positions or {}).items()})
 
 
 class MemoryBackbone:
@@ -2398,13 +2429,13 @@ class MemoryBackbone:
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.retained = History(config.history_messages, config.history_age, config.history_bytes, clock)
         self._topics: dict[str, _TopicState] = {}
-        self._joined: set[str] = set()
         # Topics with a counter that this process does not receive, oldest first: topic -> since
         # when (it was last left, published to or read). See `_forget_idle`.
         self._idle: collections.OrderedDict = collections.OrderedDict()
         self._sessions: dict[str, _SessionRecord] = {}
         self._detached: collections.OrderedDict = collections.OrderedDict()  # sessionId -> None, by detach time
-        self._presence: dict[str, collections.Counter] = {}  # topic -> user -> connections
+        self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
+        self._epochs = itertools.count(1)
 
     def bind(self, broker: Broker) -> None:
         self.broker = broker
@@ -2412,8 +2443,9 @@ class MemoryBackbone:
     def _topic(self, topic: str, now: float) -> _TopicState:
         state = self._topics.get(topic)
         if state is None:
-            state = self._topics[topic] = _TopicState()
-        if topic not in self._joined:
+            # Unique in this process (a counter) and across its restarts (the process's epoch).
+            state = self._topics[topic] = _TopicState(f"{self.epoch}.{next(self._epochs):x}")
+        if not state.joined:
             self._idle.pop(topic, None)
             self._idle[topic] = now
         return state
@@ -2430,18 +2462,19 @@ class MemoryBackbone:
         self.retained.add(topic, seq, frame, now)
         presence = self._presence.get(topic)
         done(PublishResult("ok", message_id, seq, sum(presence.values()) if presence else 0))
-        if topic in self._joined:
+        if state.joined:
             self.broker.deliver(topic, state.epoch, seq, frame, now)
 
     def join(self, topic: str, done: Callable) -> None:
         state = self._topic(topic, self.clock())
-        self._joined.add(topic)
+        state.joined = True
         self._idle.pop(topic, None)
         done(TopicPosition(state.epoch, state.seq))
 
     def leave(self, topic: str) -> None:
-        if topic in self._joined:
-            self._joined.discard(topic)
+        state = self._topics.get(topic)
+        if state is not None and state.joined:
+            state.joined = False
             self._idle[topic] = self.clock()
 
     def history(self, topic: str, first: int, last: int | None, done: Callable) -> None:
@@ -2453,13 +2486,13 @@ class MemoryBackbone:
     # -- sessions
 
     def create_session(self, session_id: str, user_id: str, holder: Any, now: float, done: Callable) -> None:
-        self._sessions[session_id] = _SessionRecord(Session(session_id, user_id), holder)
+        self._sessions[session_id] = _SessionRecord(user_id, holder)
         done(None)
 
     def get_session(self, session_id: str, done: Callable) -> None:
         self._expire_sessions(self.clock())
         record = self._sessions.get(session_id)
-        done(None if record is None else record.session.copy())
+        done(None if record is None else record.session(session_id))
 
     def claim_session(self, session_id: str, holder: Any, done: Callable) -> None:
         self._expire_sessions(self.clock())
@@ -2471,22 +2504,25 @@ class MemoryBackbone:
             self.broker.take_over(record.holder)  # detaches it: its positions are saved first
         record.holder = holder
         self._detached.pop(session_id, None)
-        done(record.session.copy())
+        done(record.session(session_id))
 
     def track(self, session_id: str, topic: str, position: Position | None) -> None:
         record = self._sessions.get(session_id)
         if record is None:
             return
         if position is None:
-            record.session.positions.pop(topic, None)
+            if record.positions is not None:
+                record.positions.pop(topic, None)
+        elif record.positions is None:
+            record.positions = {topic: position.values()}
         else:
-            record.session.positions[topic] = position.copy()
+            record.positions[topic] = position.values()
 
     def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
         record = self._sessions.get(session_id)
         if record is None or record.holder is not holder:
             return  # taken over already: the new holder's positions count
-        record.session.positions = {topic: position.copy() for topic, position in positions.items()}
+        record.positions = {topic: position.values() for topic, position in positions.items()}
         record.holder = None
         record.detached_at = now
         self._detached[session_id] = None
@@ -2513,8 +2549,9 @@ class MemoryBackbone:
     def presence_add(self, topic: str, user_id: str) -> None:
         users = self._presence.get(topic)
         if users is None:
-            users = self._presence[topic] = collections.Counter()
-        users[user_id] += 1
+            self._presence[topic] = {user_id: 1}
+        else:
+            users[user_id] = users.get(user_id, 0) + 1
 
     def presence_remove(self, topic: str, user_id: str) -> None:
         users = self._presence.get(topic)
