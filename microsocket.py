@@ -2394,32 +2394,12 @@ class _Resume:
 # holding a position in the old one can always tell.
 
 
-class _TopicState:
-    __slots__ = ("epoch", "seq", "joined")
-
-    def __init__(self, epoch: str) -> None:
-        self.epoch = epoch
-        self.seq = 0
-        self.joined = False  # this process receives it (the broker joined it)
-
-
-class _SessionRecord:
-    __slots__ = ("user_id", "positions", "holder", "detached_at")
-
-    def __init__(self, user_id: str, holder: Any) -> None:
-        self.user_id = user_id
-        # topic -> (start, epoch, acked, handed) of a Position: plain values, made at the first topic
-        self.positions: dict[str, tuple] | None = None
-        self.holder = holder  # the connection it is attached to; None while detached
-        self.detached_at = 0.0
-
-    def session(self, session_id: str) -> Session:
-        """A copy, as the broker gets it."""
-        return Session(session_id, self.user_id, {t: Position(*p) for t, p in (self.positions or {}).items()})
-
-
 class MemoryBackbone:
-    """Everything in this process's memory: the default, and the only backbone of one process."""
+    """Everything in this process's memory: the default, and the only backbone of one process.
+
+    State is kept in plain dicts of plain values, one entry per topic or session, rather than an
+    object each: on a server with many connections, every long-lived object is one more for the
+    garbage collector to walk."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -2428,119 +2408,130 @@ class MemoryBackbone:
         self.broker: Broker | None = None
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.retained = History(config.history_messages, config.history_age, config.history_bytes, clock)
-        self._topics: dict[str, _TopicState] = {}
+        self._seq: dict[str, int] = {}  # topic -> its latest seqNo, for every topic with a counter
+        self._epochs: dict[str, str] = {}  # topic -> its epoch (the same keys as _seq)
+        self._joined: set[str] = set()  # topics this process receives (the broker joined them)
         # Topics with a counter that this process does not receive, oldest first: topic -> since
         # when (it was last left, published to or read). See `_forget_idle`.
         self._idle: collections.OrderedDict = collections.OrderedDict()
-        self._sessions: dict[str, _SessionRecord] = {}
-        self._detached: collections.OrderedDict = collections.OrderedDict()  # sessionId -> None, by detach time
+        self._new_epoch = itertools.count(1)
+        # Sessions: sessionId -> userId; -> {topic: Position.values()} once it has a topic; -> the
+        # connection holding it while attached; detached ones -> since when, oldest first.
+        self._users: dict[str, str] = {}
+        self._positions: dict[str, dict[str, tuple]] = {}
+        self._holders: dict[str, Any] = {}
+        self._detached: collections.OrderedDict = collections.OrderedDict()
         self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
-        self._epochs = itertools.count(1)
 
     def bind(self, broker: Broker) -> None:
         self.broker = broker
 
-    def _topic(self, topic: str, now: float) -> _TopicState:
-        state = self._topics.get(topic)
-        if state is None:
+    def _topic(self, topic: str, now: float) -> str:
+        """The topic's epoch, its counter created at 0 if it has none; a use that keeps it from idling."""
+        epoch = self._epochs.get(topic)
+        if epoch is None:
             # Unique in this process (a counter) and across its restarts (the process's epoch).
-            state = self._topics[topic] = _TopicState(f"{self.epoch}.{next(self._epochs):x}")
-        if not state.joined:
+            epoch = self._epochs[topic] = f"{self.epoch}.{next(self._new_epoch):x}"
+            self._seq[topic] = 0
+        if topic not in self._joined:
             self._idle.pop(topic, None)
             self._idle[topic] = now
-        return state
+        return epoch
 
     def publish(self, user_id: str, topic: str, message_id: str, data_json: str, now: float, done: Callable) -> None:
         seq = self.dedup.get(user_id, message_id, now)
         if seq is not None:
             done(PublishResult("duplicate", message_id, seq, 0))
             return
-        state = self._topic(topic, now)
-        seq = state.seq = state.seq + 1
+        epoch = self._topic(topic, now)
+        seq = self._seq[topic] = self._seq[topic] + 1
         frame = message_frame(topic, seq, message_id, data_json)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
         presence = self._presence.get(topic)
         done(PublishResult("ok", message_id, seq, sum(presence.values()) if presence else 0))
-        if state.joined:
-            self.broker.deliver(topic, state.epoch, seq, frame, now)
+        if topic in self._joined:
+            self.broker.deliver(topic, epoch, seq, frame, now)
 
     def join(self, topic: str, done: Callable) -> None:
-        state = self._topic(topic, self.clock())
-        state.joined = True
+        epoch = self._topic(topic, self.clock())
+        self._joined.add(topic)
         self._idle.pop(topic, None)
-        done(TopicPosition(state.epoch, state.seq))
+        done(TopicPosition(epoch, self._seq[topic]))
 
     def leave(self, topic: str) -> None:
-        state = self._topics.get(topic)
-        if state is not None and state.joined:
-            state.joined = False
+        if topic in self._joined:
+            self._joined.discard(topic)
             self._idle[topic] = self.clock()
 
     def history(self, topic: str, first: int, last: int | None, done: Callable) -> None:
         now = self.clock()
-        state = self._topic(topic, now)
+        epoch = self._topic(topic, now)
         self.retained.expire(now)
-        done(HistoryRange(state.epoch, self.retained.oldest(topic), state.seq, self.retained.between(topic, first, last)))
+        done(HistoryRange(epoch, self.retained.oldest(topic), self._seq[topic], self.retained.between(topic, first, last)))
 
     # -- sessions
 
     def create_session(self, session_id: str, user_id: str, holder: Any, now: float, done: Callable) -> None:
-        self._sessions[session_id] = _SessionRecord(user_id, holder)
+        self._users[session_id] = user_id
+        self._holders[session_id] = holder
         done(None)
+
+    def _session(self, session_id: str) -> Session:
+        """A copy of what is kept, as the broker gets it."""
+        kept = self._positions.get(session_id, {})
+        return Session(session_id, self._users[session_id], {topic: Position(*values) for topic, values in kept.items()})
 
     def get_session(self, session_id: str, done: Callable) -> None:
         self._expire_sessions(self.clock())
-        record = self._sessions.get(session_id)
-        done(None if record is None else record.session(session_id))
+        done(self._session(session_id) if session_id in self._users else None)
 
     def claim_session(self, session_id: str, holder: Any, done: Callable) -> None:
         self._expire_sessions(self.clock())
-        record = self._sessions.get(session_id)
-        if record is None:
+        if session_id not in self._users:
             done(None)
             return
-        if record.holder is not None and record.holder is not holder:
-            self.broker.take_over(record.holder)  # detaches it: its positions are saved first
-        record.holder = holder
+        other = self._holders.get(session_id)
+        if other is not None and other is not holder:
+            self.broker.take_over(other)  # detaches it: its positions are saved first
+        self._holders[session_id] = holder
         self._detached.pop(session_id, None)
-        done(record.session(session_id))
+        done(self._session(session_id))
 
     def track(self, session_id: str, topic: str, position: Position | None) -> None:
-        record = self._sessions.get(session_id)
-        if record is None:
+        if session_id not in self._users:
             return
+        kept = self._positions.get(session_id)
         if position is None:
-            if record.positions is not None:
-                record.positions.pop(topic, None)
-        elif record.positions is None:
-            record.positions = {topic: position.values()}
+            if kept is not None:
+                kept.pop(topic, None)
+        elif kept is None:
+            self._positions[session_id] = {topic: position.values()}
         else:
-            record.positions[topic] = position.values()
+            kept[topic] = position.values()
 
     def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
-        record = self._sessions.get(session_id)
-        if record is None or record.holder is not holder:
+        if session_id not in self._users or self._holders.get(session_id) is not holder:
             return  # taken over already: the new holder's positions count
-        record.positions = {topic: position.values() for topic, position in positions.items()}
-        record.holder = None
-        record.detached_at = now
-        self._detached[session_id] = None
+        if positions:
+            self._positions[session_id] = {topic: position.values() for topic, position in positions.items()}
+        del self._holders[session_id]
+        self._detached[session_id] = now
         self._expire_sessions(now)
         while len(self._detached) > self.config.max_sessions:
             self.drop_session(next(iter(self._detached)))
 
     def drop_session(self, session_id: str) -> None:
-        self._detached.pop(session_id, None)
-        self._sessions.pop(session_id, None)
+        for table in (self._users, self._positions, self._holders, self._detached):
+            table.pop(session_id, None)
 
     def _expire_sessions(self, now: float) -> None:
         """Drop detached sessions older than the TTL (oldest first)."""
         horizon = now - self.config.session_ttl
         detached = self._detached
         while detached:
-            session_id = next(iter(detached))
-            if self._sessions[session_id].detached_at > horizon:
+            session_id, since = next(iter(detached.items()))
+            if since > horizon:
                 break
             self.drop_session(session_id)
 
@@ -2587,14 +2578,14 @@ class MemoryBackbone:
                 break
             del idle[topic]
             if self.retained.oldest(topic) is None:
-                del self._topics[topic]
+                del self._seq[topic], self._epochs[topic]
             else:  # still retained (history_age was raised?): look again later
                 idle[topic] = now
 
     def stats(self) -> dict:
         return {
-            "sessions": len(self._sessions),
-            "sequenced_topics": len(self._topics),
+            "sessions": len(self._users),
+            "sequenced_topics": len(self._seq),
             "history": {"messages": self.retained.count, "bytes": self.retained.bytes},
             "dedup": {"entries": len(self.dedup)},
         }
