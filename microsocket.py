@@ -1577,15 +1577,6 @@ class Client:
         if self.held_bytes > self.broker.config.max_buffer and self.close_request is None:
             self.broker.request_close(self, CloseCode.SLOW_CONSUMER)
 
-    def reserve(self) -> Slot:
-        """A place for a reply that comes later; what is sent after it waits for it."""
-        slot = Slot()
-        if self.held is None:
-            self.held = collections.deque((slot,))
-        else:
-            self.held.append(slot)
-        return slot
-
     def fill(self, slot: Slot, frames: list[bytes]) -> None:
         """Put the reply in its place and release what no longer waits."""
         slot.frames = frames
@@ -1946,7 +1937,12 @@ class Broker:
         client.send(text_frame(encode(reply)))
 
     def _reserve(self, client: Client) -> Slot:
-        slot = self._slot = client.reserve()
+        """Reserve the place of this request's reply (and remember it, for a failure after this)."""
+        slot = self._slot = Slot()
+        if client.held is None:
+            client.held = collections.deque((slot,))
+        else:
+            client.held.append(slot)
         return slot
 
     def _answer(self, client: Client, slot: Slot, request: dict, make: Callable[[Any], list[bytes]]) -> Callable[[Any], None]:
@@ -2024,18 +2020,22 @@ class Broker:
         self._subscribe_to(client, topic, msg)
 
     def _subscribe_to(self, client: Client, topic: str, msg: dict) -> None:
-        """Join live now; answer `subscribed` with the position once the feed knows it."""
-        slot = self._reserve(client)
+        """Join live now; answer `subscribed` with the position once the feed knows it: at once
+        when this process receives the topic already (or the backbone answered the join at once),
+        else in a reserved place once the backbone has answered."""
         feed = self._join_topic(client, topic)
+        if feed.ready:
+            client.send(self._subscribed(client, topic, msg, feed))
+            return
+        slot = self._reserve(client)
+        self._when_ready(feed, self._answer(client, slot, msg, lambda feed: [self._subscribed(client, topic, msg, feed)]))
 
-        def subscribed(feed: Feed) -> list[bytes]:
-            session = client.session
-            if topic in client.topics and topic not in session.positions:  # where this subscription starts
-                position = session.positions[topic] = Position(feed.seq, feed.epoch)
-                self.backbone.track(session.id, topic, position)
-            return [self._frame(msg, {"type": "subscribed", "topic": topic, "seqNo": feed.seq, "epoch": feed.epoch})]
-
-        self._when_ready(feed, self._answer(client, slot, msg, subscribed))
+    def _subscribed(self, client: Client, topic: str, msg: dict, feed: Feed) -> bytes:
+        session = client.session
+        if topic in client.topics and topic not in session.positions:  # where this subscription starts
+            position = session.positions[topic] = Position(feed.seq, feed.epoch)
+            self.backbone.track(session.id, topic, position)
+        return self._frame(msg, {"type": "subscribed", "topic": topic, "seqNo": feed.seq, "epoch": feed.epoch})
 
     def _unsubscribe(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
@@ -2454,9 +2454,9 @@ class MemoryBackbone:
             self.broker.deliver(topic, epoch, seq, frame, now)
 
     def join(self, topic: str, done: Callable) -> None:
-        epoch = self._topic(topic, self.clock())
         self._joined.add(topic)
         self._idle.pop(topic, None)
+        epoch = self._topic(topic, 0.0)  # joined: not idle, so the time is not used
         done(TopicPosition(epoch, self._seq[topic]))
 
     def leave(self, topic: str) -> None:
