@@ -2399,7 +2399,10 @@ class MemoryBackbone:
 
     State is kept in plain dicts of plain values, one entry per topic or session, rather than an
     object each: on a server with many connections, every long-lived object is one more for the
-    garbage collector to walk."""
+    garbage collector to walk. An attached session's positions are its connection's own Session
+    (the broker's, in this same process): kept here when the connection detaches, read from the
+    connection while it is attached. So `track` has nothing to store; a shared backbone stores
+    what it is told, for a session resumed on another process after this one is gone."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -2478,9 +2481,14 @@ class MemoryBackbone:
         done(None)
 
     def _session(self, session_id: str) -> Session:
-        """A copy of what is kept, as the broker gets it."""
-        kept = self._positions.get(session_id, {})
-        return Session(session_id, self._users[session_id], {topic: Position(*values) for topic, values in kept.items()})
+        """A copy of the session's positions, as the broker gets it: the live ones of the
+        connection holding it, else the ones kept when it detached."""
+        holder = self._holders.get(session_id)
+        if holder is not None and holder.session is not None and holder.session.id == session_id:
+            positions = {topic: position.copy() for topic, position in holder.session.positions.items()}
+        else:
+            positions = {topic: Position(*values) for topic, values in self._positions.get(session_id, {}).items()}
+        return Session(session_id, self._users[session_id], positions)
 
     def get_session(self, session_id: str, done: Callable) -> None:
         self._expire_sessions(self.clock())
@@ -2499,16 +2507,7 @@ class MemoryBackbone:
         done(self._session(session_id))
 
     def track(self, session_id: str, topic: str, position: Position | None) -> None:
-        if session_id not in self._users:
-            return
-        kept = self._positions.get(session_id)
-        if position is None:
-            if kept is not None:
-                kept.pop(topic, None)
-        elif kept is None:
-            self._positions[session_id] = {topic: position.values()}
-        else:
-            kept[topic] = position.values()
+        pass  # the holder's Session is the live record in this process (see the class docstring)
 
     def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
         if session_id not in self._users or self._holders.get(session_id) is not holder:
