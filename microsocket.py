@@ -1239,13 +1239,6 @@ class History:
         entries = self._topics.get(topic)
         return entries[0][0] if entries else None
 
-    def time_of(self, topic: str, seq: int) -> float | None:
-        """When message `seq` of `topic` was published, if it is still retained."""
-        entries = self._topics.get(topic)
-        if not entries or not entries[0][0] <= seq <= entries[-1][0]:
-            return None
-        return entries[seq - entries[0][0]][1]
-
     def between(self, topic: str, first: int, last: int | None = None) -> list[bytes]:
         """The retained frames with first <= seqNo <= last (to the newest when last is None), in
         order. Retained seqNos of a topic are consecutive, so this is a slice."""
@@ -1686,8 +1679,12 @@ class Broker:
                 trusted = reliable and feed is not None and feed.epoch == position.epoch and topic in client.topics
                 position.handed = feed.seq if trusted else None
             self.backbone.detach_session(session.id, client, session.positions, self.clock())
-        for topic in list(client.topics):
-            self._leave_topic(client, topic)
+        topics = list(client.topics)
+        emptied = self.topics.remove_client(client)
+        for topic in topics:
+            self.backbone.presence_remove(topic, client.user_id)
+        for topic in emptied:
+            self._drop_feed(topic)
         client.broker = None
         client.out.clear()
         client.held = None
@@ -1879,6 +1876,9 @@ class Broker:
                 self._wait(client, msg)  # behind a resume, or a resume behind unanswered requests
                 return
             self._dispatch(client, msg)
+            if kind == "resume" and client.held and client.inbox is None:
+                client.inbox = collections.deque()  # it is running: what comes next waits for it
+                client.pause_input(True)
         except ClientError as exc:
             self._error(client, exc, msg_id)
         except Exception:
@@ -1931,10 +1931,7 @@ class Broker:
             client.send(frame)
 
     def _reply(self, client: Client, request: dict, reply: dict) -> None:
-        msg_id = request.get("id")
-        if msg_id is not None:
-            reply["id"] = msg_id
-        client.send(text_frame(encode(reply)))
+        client.send(self._frame(request, reply))
 
     def _reserve(self, client: Client) -> Slot:
         """Reserve the place of this request's reply (and remember it, for a failure after this)."""
@@ -1973,6 +1970,7 @@ class Broker:
 
     @staticmethod
     def _frame(request: dict, reply: dict) -> bytes:
+        """The frame of a direct reply to `request`, with its id echoed."""
         msg_id = request.get("id")
         if msg_id is not None:
             reply["id"] = msg_id

@@ -364,3 +364,31 @@ def test_timers_follow_the_injected_clock(server_factory):
         clock.advance(31)
         server.tick()
         assert c.recv_close() == ms.CloseCode.SETUP_TIMEOUT
+
+
+def test_requests_after_a_running_resume_wait_for_it(broker_driver):
+    """While a resume waits for the backbone, the connection's input is paused and later requests
+    are held; they run, in order, once `resumed` is sent, and input resumes."""
+    d = broker_driver(session_ttl=600)
+    a = d.connect("alice", topics=["t"])
+    session = d.ready(a)["sessionId"]
+    d.disconnect(a)
+    paused: list[bool] = []
+
+    class Recording(ms.Client):
+        __slots__ = ()
+
+        def pause_input(self, on: bool) -> None:
+            paused.append(on)
+
+    b = Recording(d.broker)
+    d.broker.connect(b)
+    d.send(b, {"type": "setup", "token": "alice"})
+    d.broker.handle(b, json.dumps({"type": "resume", "sessionId": session, "id": "r"}))
+    d.broker.handle(b, json.dumps({"type": "subscribe", "topic": "u", "id": "s"}))
+    d.broker.handle(b, json.dumps({"type": "ping", "id": "p"}))
+    deferred = not isinstance(d.backbone, ms.MemoryBackbone)
+    assert paused == ([True] if deferred else [])  # the in-memory backbone answers at once: nothing waits
+    out = d.take(b)
+    assert [(m["type"], m.get("id")) for m in out] == [("resumed", "r"), ("subscribed", "s"), ("pong", "p")]
+    assert paused == ([True, False] if deferred else [])
