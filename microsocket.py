@@ -1495,12 +1495,7 @@ class Feed:
             self.buffer = []
         self.buffer.append(delivery)
 
-    def delivered(self, seq: int, published_at: float | None) -> None:
-        self.seq = seq
-        times = self.times
-        if times is None:
-            times = self.times = collections.deque(maxlen=ACK_TIMES)
-        times.append(published_at)
+
 
 
 class Slot:
@@ -1538,7 +1533,7 @@ class Client:
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
         self.out: list[bytes] = []  # frames waiting for the end of this event-loop turn
-        self.held: collections.deque | None = None  # frames and Slots behind an unanswered request
+        self.held: list | None = None  # frames and Slots behind an unanswered request
         self.held_bytes = 0
         self.inbox: collections.deque | None = None  # requests waiting for a resume to finish
         self.user_id: str | None = None  # set by setup
@@ -1578,18 +1573,22 @@ class Client:
             return
         out = self.out
         was_empty = not out
-        while held:
-            item = held[0]
+        ready = released = 0
+        for item in held:
             if item.__class__ is Slot:
                 if item.frames is None:
                     break
                 out.extend(item.frames)
             else:
                 out.append(item)
-            held.popleft()
-        if not held:
+                released += len(item)
+            ready += 1
+        if ready == len(held):
             self.held = None
             self.held_bytes = 0
+        else:
+            del held[:ready]  # one cut, not one per item: a long queue behind a slot stays linear
+            self.held_bytes -= released
         if was_empty and out:
             self.broker.mark_dirty(self)
         if self.inbox is not None and self.held is None:
@@ -1747,7 +1746,11 @@ class Broker:
             self.request_close(holder, CloseCode.SESSION_TAKEN_OVER)
 
     def _fan_out(self, topic: str, feed: Feed, seq: int, frame: bytes, published_at: float | None) -> None:
-        feed.delivered(seq, published_at)
+        feed.seq = seq
+        times = feed.times
+        if times is None:
+            times = feed.times = collections.deque(maxlen=ACK_TIMES)
+        times.append(published_at)
         subs = self.topics.subscribers.get(topic)
         if not subs:
             return
@@ -1875,7 +1878,9 @@ class Broker:
             if client.inbox is not None or (kind == "resume" and client.pending()):
                 self._wait(client, msg)  # behind a resume, or a resume behind unanswered requests
                 return
-            self._dispatch(client, msg)
+            if client.user_id is None and kind not in ("setup", "ping"):
+                raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
+            self._handlers[kind](client, msg)
             if kind == "resume" and client.held and client.inbox is None:
                 client.inbox = collections.deque()  # it is running: what comes next waits for it
                 client.pause_input(True)
@@ -1937,7 +1942,7 @@ class Broker:
         """Reserve the place of this request's reply (and remember it, for a failure after this)."""
         slot = self._slot = Slot()
         if client.held is None:
-            client.held = collections.deque((slot,))
+            client.held = [slot]
         else:
             client.held.append(slot)
         return slot
@@ -1996,9 +2001,17 @@ class Broker:
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
         session = client.session = Session(secrets.token_urlsafe(16), user_id)  # 128 random bits
-        ready = {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.backbone.epoch, "expiresAt": None}
+        ready = self._frame(msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.backbone.epoch, "expiresAt": None})
         slot = self._reserve(client)
-        self.backbone.create_session(session.id, user_id, client, self.clock(), self._answer(client, slot, msg, lambda _: [self._frame(msg, ready)]))
+
+        def created(result: ClientError | None) -> None:
+            if client.broker is self:
+                if result is None:
+                    client.fill(slot, [ready])
+                else:
+                    self._fail(client, slot, msg, result)
+
+        self.backbone.create_session(session.id, user_id, client, self.clock(), created)
         for topic in topics:
             self._subscribe_to(client, topic, msg)
 
@@ -2063,11 +2076,19 @@ class Broker:
         data_json = encode_payload(msg.get("payload"))
         slot = self._reserve(client)
 
-        def ack(result: PublishResult) -> list[bytes]:
-            self._count(result)
-            return [self._frame(msg, {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no})]
+        def acked(result: PublishResult | ClientError) -> None:  # the one completion of a publish: on its hot path
+            if client.broker is not self:
+                return
+            try:
+                if result.__class__ is not PublishResult:
+                    raise result
+                self._count(result)
+                ack = {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no}
+                client.fill(slot, [self._frame(msg, ack)])
+            except Exception as exc:
+                self._fail(client, slot, msg, exc)
 
-        self.backbone.publish(client.user_id, topic, message_id, data_json, self.clock(), self._answer(client, slot, msg, ack))
+        self.backbone.publish(client.user_id, topic, message_id, data_json, self.clock(), acked)
 
     def _count(self, result: PublishResult) -> None:
         if result.status == "duplicate":
@@ -2423,6 +2444,7 @@ class MemoryBackbone:
         self._holders: dict[str, Any] = {}
         self._detached: collections.OrderedDict = collections.OrderedDict()
         self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
+        self._subscribed: dict[str, int] = {}  # topic -> connections (the sum of the above)
 
     def bind(self, broker: Broker) -> None:
         self.broker = broker
@@ -2449,8 +2471,7 @@ class MemoryBackbone:
         frame = message_frame(topic, seq, message_id, data_json)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
-        presence = self._presence.get(topic)
-        done(PublishResult("ok", message_id, seq, sum(presence.values()) if presence else 0))
+        done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
         if topic in self._joined:
             self.broker.deliver(topic, epoch, seq, frame, now)
 
@@ -2535,6 +2556,7 @@ class MemoryBackbone:
     # -- presence
 
     def presence_add(self, topic: str, user_id: str) -> None:
+        self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
         users = self._presence.get(topic)
         if users is None:
             self._presence[topic] = {user_id: 1}
@@ -2545,6 +2567,11 @@ class MemoryBackbone:
         users = self._presence.get(topic)
         if users is None:
             return
+        count = self._subscribed[topic] - 1
+        if count:
+            self._subscribed[topic] = count
+        else:
+            del self._subscribed[topic]
         users[user_id] -= 1
         if users[user_id] <= 0:
             del users[user_id]
