@@ -10,19 +10,20 @@ The protocol in ten lines (the full contract is the README's protocol reference)
 
     client                                  server
     {"type":"setup","token":"alice"}     -> {"type":"ready","sessionId":..,"userId":"alice","epoch":..}
-    {"type":"subscribe","topic":"t"}     -> {"type":"subscribed","topic":"t","seqNo":0}
+    {"type":"subscribe","topic":"t"}     -> {"type":"subscribed","topic":"t","seqNo":0,"epoch":..}
     {"type":"publish","topic":"t",
-     "messageId":"m1","payload":{..}}    -> {"type":"message","topic":"t","seqNo":1,"messageId":"m1","data":{..}}
-                                            to every subscriber, then {"type":"ack","messageId":"m1",
-                                            "status":"ok","seqNo":1} to the publisher
+     "messageId":"m1","payload":{..}}    -> {"type":"ack","messageId":"m1","status":"ok","seqNo":1} to the
+                                            publisher, and {"type":"message","topic":"t","seqNo":1,
+                                            "messageId":"m1","data":{..}} to every subscriber
     the same messageId again             -> {"type":"ack",..,"status":"duplicate","seqNo":1}, not delivered
     {"type":"replay","topic":"t","fromSeq":1} -> the retained messages, then {"type":"replayed",..}
     {"type":"resume","sessionId":..}     -> what this session missed, then {"type":"resumed",..}
     anything wrong                       -> {"type":"error","code":"INVALID_TOPIC",..}; the connection stays
 
 Every message is one JSON object in one text frame; a client may add "id" to any message and the
-direct reply carries it back. Topics are sequenced one by one (seqNo 1, 2, ...), deduplicated per
-user by messageId, and kept in a bounded history for replay.
+direct reply carries it back; replies keep the order of requests. Topics are sequenced one by one
+(seqNo 1, 2, ... within the topic's epoch), deduplicated per user by messageId, and kept in a
+bounded history for replay. The shared state sits behind a backbone (in this process's memory).
 
 What it does not do (yet): JWT auth and ACLs, signed messages, permessage-deflate, several
 processes sharing one Redis. Demo auth accepts any non-empty token as the userId.
@@ -31,17 +32,17 @@ Embedding it in an asyncio program::
 
     server = microsocket.Server(microsocket.Config(port=0))
     await server.start()                    # server.port is the bound port
-    server.publish("prices", {"btc": 1})    # -> PublishResult(status, message_id, seq_no, subscribers)
+    await server.publish("prices", {"btc": 1})   # -> PublishResult(status, message_id, seq_no, subscribers)
     await server.close()                    # closes every connection with 1001
 
 Contents (each section uses only those above it; grep for "# === N."):
 
-     0. Header              5. WebSocket handshake          10. History
-     1. Constants, limits   6. WebSocket connection          11. Auth
-     2. Errors              7. Pub/sub message schema        12. Broker
-     3. Frame codec         8. Topic store                   13. HTTP routes
-     4. HTTP/1.1            9. Dedup                         14. Server I/O (asyncio)
-                                                             15. Command line
+     0. Header              6. WebSocket connection          12. Broker
+     1. Constants, limits   7. Pub/sub message schema        13. Backbones
+     2. Errors              8. Topic store                   14. HTTP routes
+     3. Frame codec         9. Dedup                         15. Server I/O (asyncio)
+     4. HTTP/1.1           10. History and sessions          16. Command line
+     5. WebSocket handshake 11. Auth
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 try:
     import resource  # the open-file limit (Unix)
@@ -80,6 +81,8 @@ __all__ = [
     "Broker",
     "Client",
     "PublishResult",
+    "Backbone",
+    "MemoryBackbone",
     "WebSocketConnection",
     "Frame",
     "Opcode",
@@ -186,7 +189,7 @@ def is_valid_close_code(code: int) -> bool:
 # === 2. Errors ====================================================================================
 #
 # Four exceptions, each turned into one kind of answer in one place: ProtocolError into a close
-# code (section 6), HTTPError into an HTTP status (section 13), ClientError into an `error` message
+# code (section 6), HTTPError into an HTTP status (section 14), ClientError into an `error` message
 # (section 12). Nothing else crosses a section boundary as an exception.
 
 
@@ -476,6 +479,10 @@ class RequestReader:
         self.max_body_size = max_body_size
         self._pending: Request | None = None  # head parsed, body not complete yet
         self._body_length = 0
+        # RFC 9110 §10.1.1: a client that sent `Expect: 100-continue` waits for a 100 (Continue)
+        # before the body; True once such a head is read and its body has not arrived yet. The
+        # I/O layer writes the interim response and clears it.
+        self.expects_continue = False
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -493,6 +500,8 @@ class RequestReader:
             del self.buffer[: end + 4]
             self._body_length = self._content_length(request)
             self._pending = request
+            if len(self.buffer) < self._body_length and request.version >= (1, 1):
+                self.expects_continue = "100-continue" in request.tokens("expect")
         if len(self.buffer) < self._body_length:
             return None
         request, self._pending = self._pending, None
@@ -526,14 +535,41 @@ class Response:
     def serialize(self, keep_alive: bool = True, head: bool = False) -> bytes:
         reason = http.HTTPStatus(self.status).phrase
         lines = [f"HTTP/1.1 {self.status} {reason}", f"Server: microsocket/{__version__}"]
+        # Connection options of the response's own (`upgrade` beside a 426) join the one line.
+        options = [v for k, v in self.headers if k.lower() == "connection"]
         if self.status != 101:
             if self.body or self.status not in (204, 304):
                 lines.append(f"Content-Type: {self.content_type}")
             lines.append(f"Content-Length: {len(self.body)}")
-            lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
-        lines.extend(f"{k}: {v}" for k, v in self.headers)
+            options.append("keep-alive" if keep_alive else "close")
+        if options:
+            lines.append("Connection: " + ", ".join(options))
+        lines.extend(f"{k}: {v}" for k, v in self.headers if k.lower() != "connection")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode()
         return data if head else data + self.body
+
+
+class PendingResponse:
+    """A response a route gives later, once the backbone has answered: `then(callback)` gets it.
+    The connection answers nothing after it until it is resolved, so responses keep their order."""
+
+    __slots__ = ("response", "callback")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self.callback: Callable[[Response], None] | None = None
+
+    def resolve(self, response: Response) -> None:
+        self.response = response
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback(response)
+
+    def then(self, callback: Callable[[Response], None]) -> None:
+        if self.response is not None:
+            callback(self.response)
+        else:
+            self.callback = callback
 
 
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -548,8 +584,14 @@ def error_response(error: HTTPError) -> Response:
 # === 5. WebSocket handshake (sans-I/O) ============================================================
 #
 # RFC 6455 §4.2: check the client's opening handshake, compute Sec-WebSocket-Accept, answer 101.
-# No extension and no subprotocol is accepted: the server implements none (§4.2.2: the server
-# selects "zero or more" and simply leaves unimplemented ones out of the response).
+# No extension is accepted: the server implements none (§4.2.2: the server selects "zero or more"
+# and simply leaves unimplemented ones out of the response). One subprotocol is: SUBPROTOCOL, this
+# protocol's name, selected when the client offers it; a client that offers none is accepted too,
+# and one that offers only others gets no Sec-WebSocket-Protocol back (§4.2.2: "the server MUST
+# NOT" echo one it does not speak; the client then decides whether to go on).
+
+SUBPROTOCOL = "microsocket.v1"  # Micro Socket protocol, major version 1 (SPEC 1.x)
+_UPGRADE_REQUIRED = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13")]
 
 
 def accept_key(key: str) -> str:
@@ -561,7 +603,7 @@ def check_handshake(request: Request) -> str:
     """Check an upgrade request (§4.2.1); return its Sec-WebSocket-Key or raise HTTPError."""
     if "websocket" not in request.tokens("upgrade"):
         # A browser opening the URL as a page lands here: tell it which protocol to speak.
-        raise HTTPError(426, "this endpoint speaks WebSocket", [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")])
+        raise HTTPError(426, "this endpoint speaks WebSocket", _UPGRADE_REQUIRED)
     if request.method != "GET":
         raise HTTPError(405, "a WebSocket handshake is a GET", [("Allow", "GET")])
     if request.version < (1, 1):
@@ -572,7 +614,7 @@ def check_handshake(request: Request) -> str:
         raise HTTPError(400, "missing Host header")
     if request.header("sec-websocket-version") != "13" or request.header_count("sec-websocket-version") != 1:
         # §4.2.2: "...it MUST abort the handshake... and include Sec-WebSocket-Version: 13".
-        raise HTTPError(426, "unsupported WebSocket version: use 13", [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")])
+        raise HTTPError(426, "unsupported WebSocket version: use 13", _UPGRADE_REQUIRED)
     key = request.header("sec-websocket-key")
     if key is None or request.header_count("sec-websocket-key") != 1:
         raise HTTPError(400, "missing or repeated Sec-WebSocket-Key")
@@ -585,15 +627,24 @@ def check_handshake(request: Request) -> str:
     return key
 
 
+def select_subprotocol(request: Request) -> str | None:
+    """SUBPROTOCOL if the client offered it in Sec-WebSocket-Protocol (tokens are case-sensitive)."""
+    for value in request.fields.get("sec-websocket-protocol", ()):
+        if SUBPROTOCOL in (token.strip() for token in value.split(",")):
+            return SUBPROTOCOL
+    return None
+
+
 _SWITCHING = (
     f"HTTP/1.1 101 Switching Protocols\r\nServer: microsocket/{__version__}\r\nUpgrade: websocket\r\n"
-    "Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n"
 )
 
 
-def handshake_response(key: str) -> bytes:
+def handshake_response(key: str, subprotocol: str | None = None) -> bytes:
     """The 101 response that completes the handshake (a template: it is on every connection's path)."""
-    return _SWITCHING.format(accept_key(key)).encode()
+    selected = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return _SWITCHING.format(accept_key(key), selected).encode()
 
 
 # === 6. WebSocket connection (sans-I/O) ===========================================================
@@ -789,7 +840,7 @@ class WebSocketConnection:
                 self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code)))
             self.state = CLOSED
             self._end_message()
-        # A pong needs nothing: any input at all counts as a sign of life (section 14).
+        # A pong needs nothing: any input at all counts as a sign of life (section 15).
 
     # -- output
 
@@ -831,14 +882,14 @@ ERROR_CODES = (
     "INVALID_MESSAGE",
     "INVALID_TOPIC",
     "TOPIC_LOCKED",
-    "ACL_DENIED",
     "TOO_MANY_SUBSCRIPTIONS",
     "RATE_LIMITED",
     "SESSION_EXPIRED",
     "REPLAY_UNAVAILABLE",
-    "BACKBONE_UNAVAILABLE",
     "INTERNAL_ERROR",
 )
+# SPEC codes this version never sends: ACLs and a backbone that can fail (Redis) are planned.
+PLANNED_ERROR_CODES = ("ACL_DENIED", "BACKBONE_UNAVAILABLE")
 
 # Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed.
 _BAD_TOPIC_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff*]")
@@ -907,6 +958,24 @@ def decode_client_message(text: str) -> dict:
     return msg
 
 
+def encode_payload(data: Any) -> str:
+    """A publish's payload as JSON text, or ClientError INVALID_MESSAGE: data that decoded as
+    JSON but cannot be encoded again (nested deeper than the encoder's recursion allows), or
+    non-JSON data from Python code. Checked before anything is sequenced."""
+    try:
+        return encode(data)
+    except (ValueError, TypeError, RecursionError):
+        raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
+
+
+_quote = json.encoder.encode_basestring_ascii  # a str as a JSON string, in C where CPython has it
+
+
+def message_frame(topic: str, seq: int, message_id: str, data_json: str) -> bytes:
+    """The frame of one published message: built once, sent to every subscriber, kept in history."""
+    return text_frame(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":{data_json}}}')
+
+
 def require(msg: dict, field: str, kind: type, what: str) -> Any:
     """msg[field] if it is present and of `kind` (a bool is not an int here), else ClientError."""
     value = msg.get(field)
@@ -933,25 +1002,38 @@ CLIENT_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
     ("unsubscribe", "Unsubscribe (idempotent)", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribe", "topic": "prices"}),
     ("publish", "Publish a message", {"topic": _TOPIC, "messageId": _MESSAGE_ID, "payload": {}}, ["topic", "messageId"], {"type": "publish", "topic": "prices", "messageId": "m-1", "payload": {"btc": 97000}, "id": 3}),
     ("replay", "Resend retained messages from fromSeq", {"topic": _TOPIC, "fromSeq": {"type": "integer", "minimum": 1}, "epoch": {"type": "string"}}, ["topic", "fromSeq"], {"type": "replay", "topic": "prices", "fromSeq": 1}),
-    ("resume", "Re-attach a session and replay its gap", {"sessionId": {"type": "string"}, "lastSeqPerTopic": {"type": "object", "additionalProperties": _SEQ}, "epoch": {"type": "string"}}, ["sessionId"], {"type": "resume", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "lastSeqPerTopic": {"prices": 1}}),
+    ("resume", "Re-attach a session and replay its gap", {"sessionId": {"type": "string"}, "lastSeqPerTopic": {"type": "object", "additionalProperties": _SEQ}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}, "epoch": {"type": "string"}}, ["sessionId"], {"type": "resume", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "lastSeqPerTopic": {"prices": 1}, "epochs": {"prices": "5e27adbe"}}),
     ("ack", "Record the client's position", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID}, ["topic"], {"type": "ack", "topic": "prices", "seqNo": 1}),
     ("refresh", "Replace the token (same user)", {"token": {"type": "string", "minLength": 1}}, ["token"], {"type": "refresh", "token": "alice"}),
     ("presence", "Who is subscribed to a topic", {"topic": _TOPIC}, ["topic"], {"type": "presence", "topic": "prices"}),
     ("ping", "Application-level ping", {}, [], {"type": "ping", "id": 4}),
 ]
 SERVER_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
-    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}}, ["sessionId", "userId", "epoch"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "id": 1}),
-    ("subscribed", "Subscribed; the next message is seqNo + 1", {"topic": _TOPIC, "seqNo": _SEQ}, ["topic", "seqNo"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "id": 2}),
+    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["integer", "null"]}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
+    ("subscribed", "Subscribed; the next message is seqNo + 1 in the topic's epoch (also sent unasked when the topic's counter starts again)", {"topic": _TOPIC, "seqNo": _SEQ, "epoch": {"type": "string"}}, ["topic", "seqNo", "epoch"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "epoch": "5e27adbe", "id": 2}),
     ("unsubscribed", "Unsubscribed", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribed", "topic": "prices"}),
     ("ack", "Publish accepted or duplicate", {"messageId": _MESSAGE_ID, "status": {"enum": ["ok", "duplicate"]}, "seqNo": _SEQ}, ["messageId", "status", "seqNo"], {"type": "ack", "messageId": "m-1", "status": "ok", "seqNo": 1, "id": 3}),
     ("message", "A published message", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
-    ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ}, ["topic", "fromSeq", "toSeq"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1}),
-    ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}}, ["sessionId", "topics", "replayed", "missed"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": []}),
+    ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ, "epoch": {"type": "string"}}, ["topic", "fromSeq", "toSeq", "epoch"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1, "epoch": "5e27adbe"}),
+    ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}}, ["sessionId", "topics", "replayed", "missed", "epochs"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": [], "epochs": {"prices": "5e27adbe"}}),
     ("refreshed", "Token replaced", {"expiresAt": {"type": ["integer", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
     ("presence", "Distinct users subscribed", {"topic": _TOPIC, "users": {"type": "array", "items": {"type": "string"}}, "count": _SEQ}, ["topic", "users", "count"], {"type": "presence", "topic": "prices", "users": ["alice"], "count": 1}),
     ("pong", "Answer to ping", {}, [], {"type": "pong", "id": 4}),
-    ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
+    ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ, "epoch": {"type": "string"}}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
 ]
+
+
+def configured(node: Any, max_topic_length: int, max_message_id_length: int) -> Any:
+    """A copy of a schema tree with the topic and messageId length limits this server runs with."""
+    if node is _TOPIC:
+        return {**_TOPIC, "maxLength": max_topic_length}
+    if node is _MESSAGE_ID:
+        return {**_MESSAGE_ID, "maxLength": max_message_id_length}
+    if isinstance(node, dict):
+        return {k: configured(v, max_topic_length, max_message_id_length) for k, v in node.items()}
+    if isinstance(node, list):
+        return [configured(v, max_topic_length, max_message_id_length) for v in node]
+    return node
 
 
 def message_schema(kind: str, properties: dict, required: list[str]) -> dict:
@@ -1079,11 +1161,12 @@ class Dedup:
             del self._users[user]
 
 
-# === 10. History ==================================================================================
+# === 10. History and sessions =====================================================================
 #
 # Each topic keeps its most recent messages for `replay`, bounded by count per topic, by age, and
 # by bytes across all topics; the oldest goes first. An entry is (seqNo, time, frame bytes): the
 # same frame that was broadcast, so a replay re-sends bytes without encoding anything again.
+# A `Session` is what outlives a connection for resume: its user and, per topic, a `Position`.
 
 
 class History:
@@ -1156,13 +1239,6 @@ class History:
         entries = self._topics.get(topic)
         return entries[0][0] if entries else None
 
-    def time_of(self, topic: str, seq: int) -> float | None:
-        """When message `seq` of `topic` was published, if it is still retained."""
-        entries = self._topics.get(topic)
-        if not entries or not entries[0][0] <= seq <= entries[-1][0]:
-            return None
-        return entries[seq - entries[0][0]][1]
-
     def between(self, topic: str, first: int, last: int | None = None) -> list[bytes]:
         """The retained frames with first <= seqNo <= last (to the newest when last is None), in
         order. Retained seqNos of a topic are consecutive, so this is a slice."""
@@ -1173,6 +1249,47 @@ class History:
         start = min(len(entries), max(0, first - oldest))  # clamped: a client may send any integer
         stop = len(entries) if last is None else min(len(entries), max(0, last - oldest + 1))
         return [frame for _, _, frame in itertools.islice(entries, start, stop)]
+
+
+class Position:
+    """A session's place in one topic, in one epoch: the seqNo it started from, the last one
+    acknowledged (0: none), and the last one handed to its connection when that went away (None
+    while attached, or when what was unsent could not be trusted to have arrived)."""
+
+    __slots__ = ("start", "epoch", "acked", "handed")
+
+    def __init__(self, start: int, epoch: str, acked: int = 0, handed: int | None = None) -> None:
+        self.start = start
+        self.epoch = epoch
+        self.acked = acked
+        self.handed = handed
+
+    def last(self) -> int:
+        """The last seqNo the session is known to have: acknowledged, else handed, else its start."""
+        if self.acked:
+            return self.acked
+        return self.handed if self.handed is not None else self.start
+
+    def copy(self) -> Position:
+        return Position(self.start, self.epoch, self.acked, self.handed)
+
+    def values(self) -> tuple:
+        """(start, epoch, acked, handed): what Position(*values) makes again."""
+        return (self.start, self.epoch, self.acked, self.handed)
+
+
+class Session:
+    """What outlives a connection for the session TTL: its id, user and positions per topic."""
+
+    __slots__ = ("id", "user_id", "positions")
+
+    def __init__(self, session_id: str, user_id: str, positions: dict[str, Position] | None = None) -> None:
+        self.id = session_id
+        self.user_id = user_id
+        self.positions: dict[str, Position] = positions if positions is not None else {}
+
+    def copy(self) -> Session:
+        return Session(self.id, self.user_id, {topic: p.copy() for topic, p in self.positions.items()})
 
 
 # === 11. Auth =====================================================================================
@@ -1193,22 +1310,119 @@ def authenticate(token: Any) -> str:
 
 # === 12. Broker ===================================================================================
 #
-# The application core: it holds the topic store, the seqNo counters, dedup, history, sessions and
-# the counters behind /stats and /metrics, and it never awaits or touches a socket. A `Client` is
-# the broker's view of one connection: who it is, what it subscribed to, and an outbox of frames.
-# Output is written into outboxes; a client whose outbox goes from empty to non-empty is put on the
-# `dirty` list, and `wake()` tells the I/O layer (once per batch) that there is something to flush.
-# A broadcast encodes its JSON once, frames it once, and appends the same bytes to every
-# subscriber's outbox. Because nothing here awaits, a `resume` replays and re-subscribes in one
-# step: no publish can fall between the replay and live delivery, so none is lost or doubled.
+# The application core: it holds this process's connections, what each one subscribed to, one
+# `Feed` per topic this process receives, rate limits and the counters behind /stats and /metrics.
+# It never awaits and never touches a socket. The shared state (seqNo counters and epochs, dedup,
+# history, sessions, presence) lives behind a `Backbone` (section 13): one process's memory, or
+# Redis for several processes.
+#
+# Theory of operation. The broker asks, the backbone answers later: every request that needs an
+# answer carries a completion (`done`), which the in-memory backbone calls at once and Redis calls
+# when its reply arrives; a result that is an error arrives as a `ClientError` value. What the
+# backbone says was published comes back through one delivery path, `Broker.deliver`, for the
+# publisher's own process too. Three rules keep that exact:
+#
+# - Order per connection. A request that waits for an answer reserves a `Slot` in the
+#   connection's outgoing stream; anything for that connection after it (later replies, live
+#   messages) waits behind the slot until it is filled. So replies keep the order of requests,
+#   and a publish's `ack` (its slot was reserved before the backbone even saw the publish) comes
+#   before the publisher's own copy of the message, whichever backbone answers first.
+# - Join live first. A topic's `Feed` asks the backbone to `join` (start delivering) and only
+#   then learns the topic's position; deliveries that arrive before the position are buffered, and
+#   those at or below it dropped. `subscribed.seqNo` is that position, so the first message after
+#   it is seqNo + 1, never one already counted. A gap in seqNos is filled from history before
+#   anything later is delivered.
+# - Resume is a barrier. It starts once every earlier request of its connection is answered, and
+#   later ones wait (the connection stops reading) until it is: attach live, learn each topic's
+#   position, read the gap from history, then send the gap and `resumed` in one slot, ahead of
+#   every live message that arrived meanwhile. Nothing lost, nothing twice, nothing reordered.
+#
+# A broadcast is framed once (by the backbone, which also keeps those bytes in history) and the
+# same bytes are appended to every subscriber's outbox; a client whose outbox goes from empty to
+# non-empty goes on the `dirty` list, and `wake()` tells the I/O layer once per batch to flush.
+
+ACK_TIMES = 1024  # publish times kept per received topic, for the publish -> ack latency figures
 
 
-@dataclasses.dataclass(frozen=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     status: str  # "ok" or "duplicate"
     message_id: str
     seq_no: int
-    subscribers: int  # connections it was delivered to (0 for a duplicate)
+    subscribers: int  # connections subscribed to the topic when it was accepted (0 for a duplicate)
+
+
+class TopicPosition(NamedTuple):
+    """Where a topic stands: its epoch and its latest seqNo (0 before the first publish)."""
+
+    epoch: str
+    seq: int
+
+
+class HistoryRange(NamedTuple):
+    """An answer to a history read: the topic's epoch, its oldest retained seqNo (None: nothing
+    retained), its latest seqNo, and the retained frames asked for, consecutive and in order."""
+
+    epoch: str
+    oldest: int | None
+    last: int
+    frames: list[bytes]
+
+
+class Backbone(Protocol):
+    """The state several processes share. Methods with `done` answer through it, at once or
+    later, with the result or a ClientError (BACKBONE_UNAVAILABLE); the others are writes whose
+    order the backbone keeps. Deliveries go to the broker bound with `bind`."""
+
+    epoch: str  # the sequence space as a whole: one process start, or one Redis deployment
+
+    def bind(self, broker: Broker) -> None:
+        """Deliver what is published to `broker.deliver`, take-overs to `broker.take_over`."""
+
+    def publish(self, user_id: str, topic: str, message_id: str, data_json: str, now: float, done: Callable) -> None:
+        """Dedup, sequence, keep in history and deliver one message; done(PublishResult)."""
+
+    def join(self, topic: str, done: Callable) -> None:
+        """Start delivering `topic` to this process, then done(TopicPosition) read after joining."""
+
+    def leave(self, topic: str) -> None:
+        """Stop delivering `topic` to this process."""
+
+    def history(self, topic: str, first: int, last: int | None, done: Callable) -> None:
+        """done(HistoryRange) with the retained frames first..last (None: to the newest)."""
+
+    def create_session(self, session_id: str, user_id: str, holder: Any, now: float, done: Callable) -> None:
+        """Store a new session attached to `holder` (a connection); done(None)."""
+
+    def get_session(self, session_id: str, done: Callable) -> None:
+        """done(Session) with a copy of the session, or done(None) if unknown or expired."""
+
+    def claim_session(self, session_id: str, holder: Any, done: Callable) -> None:
+        """Attach the session to `holder`; the connection that held it is taken over (detached,
+        closed with 4002) before done(Session) is called; done(None) if it expired meanwhile."""
+
+    def track(self, session_id: str, topic: str, position: Position | None) -> None:
+        """Record a session's position in one topic (None: the session left the topic)."""
+
+    def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
+        """The holder went away: keep its positions; the session expires after the TTL."""
+
+    def drop_session(self, session_id: str) -> None:
+        """Forget a session now (it was replaced by the one a connection resumed)."""
+
+    def presence_add(self, topic: str, user_id: str) -> None:
+        """One more connection of `user_id` is subscribed to `topic`."""
+
+    def presence_remove(self, topic: str, user_id: str) -> None:
+        """One connection of `user_id` left `topic`."""
+
+    def presence(self, topic: str, done: Callable) -> None:
+        """done(list of the distinct users subscribed to `topic`, sorted)."""
+
+    def sweep(self, now: float) -> None:
+        """Expire what is past its age: sessions, history, dedup, idle topics."""
+
+    def stats(self) -> dict:
+        """Figures for /stats and /metrics: sessions, sequenced_topics, history, dedup."""
 
 
 class Histogram:
@@ -1253,33 +1467,58 @@ class Histogram:
         return out
 
 
-class Session:
-    """What outlives a connection for the session TTL: its user, topics and positions."""
+class Feed:
+    """One topic as this process receives it: the topic's epoch, the last seqNo delivered here,
+    and the publish times of the latest deliveries. Not `ready` while joining or filling a gap:
+    deliveries wait in `buffer`, callbacks that need the position in `waiting`."""
 
-    __slots__ = ("id", "user_id", "client", "positions", "detached_at")
+    __slots__ = ("epoch", "seq", "ready", "waiting", "buffer", "times")
 
-    def __init__(self, session_id: str, user_id: str, client: Client) -> None:
-        self.id = session_id
-        self.user_id = user_id
-        self.client: Client | None = client  # None while detached
-        # topic -> [seqNo when subscribed, last acknowledged seqNo (0: none), seqNo when the
-        # connection went away (None while attached, or when its buffer was not trusted)]
-        self.positions: dict[str, list] = {}
-        self.detached_at = 0.0
+    def __init__(self) -> None:
+        self.epoch = ""
+        self.seq = 0
+        self.ready = False
+        # Made when first needed: most topics of a busy server have one subscriber and few messages.
+        self.waiting: list[Callable[[Feed], None]] | None = None
+        self.buffer: list[tuple[str, int, bytes, float | None]] | None = None
+        self.times: collections.deque | None = None  # publish times of the latest seqNos, up to seq
 
-    def position(self, topic: str) -> int:
-        """The last seqNo this session is known to have: acknowledged, else handed, else subscribed."""
-        start, acked, handed = self.positions[topic]
-        if acked:
-            return acked
-        return handed if handed is not None else start
+    def time_of(self, seq: int) -> float | None:
+        """When message `seq` was published, if it is among the latest delivered here."""
+        back = self.seq - seq
+        times = self.times
+        return times[-1 - back] if times is not None and 0 <= back < len(times) else None
+
+    def hold(self, *delivery: Any) -> None:
+        """Keep a delivery until the feed is ready again."""
+        if self.buffer is None:
+            self.buffer = []
+        self.buffer.append(delivery)
+
+
+
+
+class Slot:
+    """A place in a connection's outgoing stream for a reply that is not ready yet."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] | None = None
 
 
 class Client:
-    """One connection as the broker sees it. The I/O layer subclasses it."""
+    """One connection as the broker sees it. The I/O layer subclasses it.
+
+    Outgoing frames go to `out` (written at the end of the event-loop turn), or, while a reply
+    ahead of them is not ready, to `held`, in order, with the reply's Slot among them.
+    """
 
     __slots__ = (
         "out",
+        "held",
+        "held_bytes",
+        "inbox",
         "user_id",
         "session",
         "topics",
@@ -1294,6 +1533,9 @@ class Client:
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
         self.out: list[bytes] = []  # frames waiting for the end of this event-loop turn
+        self.held: list | None = None  # frames and Slots behind an unanswered request
+        self.held_bytes = 0
+        self.inbox: collections.deque | None = None  # requests waiting for a resume to finish
         self.user_id: str | None = None  # set by setup
         self.session: Session | None = None
         self.topics: set[str] = set()
@@ -1304,44 +1546,90 @@ class Client:
         self.rate_tokens = float(broker.config.publish_burst)
         self.rate_time = 0.0
         # Bytes of replayed messages not yet known to have drained: a long replay is not a sign
-        # of a slow reader, so the slow-consumer check leaves them out (section 14).
+        # of a slow reader, so the slow-consumer check leaves them out (section 15).
         self.replay_credit = 0
 
     def send(self, frame: bytes) -> None:
-        """Queue one frame; it is written at the end of the event-loop turn."""
-        if not self.out:
+        """Queue one frame, after everything queued before it."""
+        if self.held:
+            self.hold(frame)
+        else:
+            if not self.out:
+                self.broker.mark_dirty(self)
+            self.out.append(frame)
+
+    def hold(self, frame: bytes) -> None:
+        """Queue a frame behind an unanswered request; past the buffer limit it is a slow consumer."""
+        self.held.append(frame)
+        self.held_bytes += len(frame)
+        if self.held_bytes > self.broker.config.max_buffer and self.close_request is None:
+            self.broker.request_close(self, CloseCode.SLOW_CONSUMER)
+
+    def fill(self, slot: Slot, frames: list[bytes]) -> None:
+        """Put the reply in its place and release what no longer waits."""
+        slot.frames = frames
+        held = self.held
+        if self.broker is None or held is None or held[0] is not slot:
+            return
+        out = self.out
+        was_empty = not out
+        ready = released = 0
+        for item in held:
+            if item.__class__ is Slot:
+                if item.frames is None:
+                    break
+                out.extend(item.frames)
+            else:
+                out.append(item)
+                released += len(item)
+            ready += 1
+        if ready == len(held):
+            self.held = None
+            self.held_bytes = 0
+        else:
+            del held[:ready]  # one cut, not one per item: a long queue behind a slot stays linear
+            self.held_bytes -= released
+        if was_empty and out:
             self.broker.mark_dirty(self)
-        self.out.append(frame)
+        if self.inbox is not None and self.held is None:
+            self.broker.run_inbox(self)
+
+    def pending(self) -> bool:
+        """True while a reserved reply is not filled yet."""
+        return self.held is not None and any(item.__class__ is Slot for item in self.held)
 
     def take_output(self) -> bytes:
-        """Everything queued, as one buffer, once."""
+        """Everything ready to write, as one buffer, once."""
         out = self.out
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         return data
+
+    def pause_input(self, paused: bool) -> None:
+        """Stop (True) or restart (False) reading requests; the I/O layer pauses the socket."""
 
 
 def _topic_locked(client: Client, **context: Any) -> ClientError:
     return ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", **context)
 
 
-class Broker:
-    """The pub/sub core. `handle(client, text)` for WebSocket messages, `publish` for the rest."""
+def _error_frame(exc: ClientError, msg_id: Any) -> bytes:
+    return text_frame(encode(error_message(exc.code, exc.message, msg_id, **exc.context)))
 
-    def __init__(self, config: Config, wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+
+class Broker:
+    """The pub/sub core. `handle(client, text)` for WebSocket messages, `publish_checked` for the
+    rest; `deliver` and `take_over` are called by the backbone."""
+
+    def __init__(
+        self, config: Config, backbone: Backbone, wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
+        self.backbone = backbone
         self.wake = wake
         self.clock = clock
-        self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
         self.topics = TopicStore()
-        self.seq: dict[str, int] = {}  # topic -> last seqNo; forgotten when idle long enough
-        # Topics with a counter and no subscriber, oldest first: topic -> since when (the time its
-        # last subscriber left or it was last published to). See forget_idle_topics.
-        self._idle: collections.OrderedDict = collections.OrderedDict()
-        self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
-        self.history = History(config.history_messages, config.history_age, config.history_bytes, clock)
-        self.sessions: dict[str, Session] = {}
-        self._detached: collections.OrderedDict = collections.OrderedDict()  # sessionId -> None, by detach time
+        self.feeds: dict[str, Feed] = {}  # topic -> Feed, for the topics this process receives
         self.dirty: list[Client] = []
         self.connections = 0
         self.published = 0
@@ -1349,10 +1637,11 @@ class Broker:
         self.replayed = 0
         self.duplicates = 0
         self.errors: collections.Counter = collections.Counter()
-        self.disconnects: collections.Counter = collections.Counter()  # by close code, set by the I/O layer
+        self.disconnects: collections.Counter = collections.Counter()  # by close code
         self.delivery_latency = Histogram()  # publish -> written to the socket, per delivery
         self.ack_latency = Histogram()  # publish -> client ack, per acknowledged message
         self._unflushed: list[tuple[float, int]] = []  # (publish time, deliveries) since the last flush
+        self._slot: Slot | None = None  # the slot the request being handled reserved, if any
         self._handlers: dict[str, Callable[[Client, dict], None]] = {
             "setup": self._setup,
             "subscribe": self._subscribe,
@@ -1365,8 +1654,9 @@ class Broker:
             "presence": self._presence,
             "ping": self._ping,
         }
+        backbone.bind(self)
 
-    # -- connections and sessions
+    # -- connections, called by the I/O layer
 
     def connect(self, client: Client) -> None:
         self.connections += 1
@@ -1374,71 +1664,45 @@ class Broker:
     def disconnect(self, client: Client, reliable: bool = True) -> None:
         """Forget a connection, O(its topics); its session stays resumable for the TTL.
 
-        `reliable` False means the connection's unsent data was abandoned (slow consumer), so
-        "the last seqNo handed to it" is not known and resume falls back to acked or subscribed.
+        `reliable` False means the connection's unsent data was abandoned (slow consumer, no
+        closing handshake), so "the last seqNo handed to it" is not known and resume falls back to
+        acked or subscribed. Frames held behind an unanswered request were never written either.
         """
         if client.broker is None:
             return
         session = client.session
-        if session is not None and session.client is client:
-            now = self.clock()
+        if session is not None:
+            reliable = reliable and not client.held
             for topic, position in session.positions.items():
-                position[2] = self.seq.get(topic, 0) if reliable else None
-            session.client = None
-            session.detached_at = now
-            self._detached[session.id] = None
-            self.expire_sessions(now)
-            while len(self._detached) > self.config.max_sessions:
-                self._drop_session(next(iter(self._detached)))
-        now = self.clock()
-        for topic in self.topics.remove_client(client):
-            self._went_idle(topic, now)
+                feed = self.feeds.get(topic)
+                trusted = reliable and feed is not None and feed.epoch == position.epoch and topic in client.topics
+                position.handed = feed.seq if trusted else None
+            self.backbone.detach_session(session.id, client, session.positions, self.clock())
+        topics = list(client.topics)
+        emptied = self.topics.remove_client(client)
+        for topic in topics:
+            self.backbone.presence_remove(topic, client.user_id)
+        for topic in emptied:
+            self._drop_feed(topic)
         client.broker = None
         client.out.clear()
+        client.held = None
+        client.inbox = None
         self.connections -= 1
 
-    def expire_sessions(self, now: float | None = None) -> None:
-        """Drop detached sessions older than the TTL (oldest first)."""
-        horizon = (self.clock() if now is None else now) - self.config.session_ttl
-        detached = self._detached
-        while detached:
-            session_id = next(iter(detached))
-            if self.sessions[session_id].detached_at > horizon:
-                break
-            self._drop_session(session_id)
-
-    def _went_idle(self, topic: str, now: float) -> None:
-        """A topic with no subscriber now was left or published to: its idle time starts now."""
-        if topic in self.seq:
-            idle = self._idle
-            idle.pop(topic, None)
-            idle[topic] = now
-
-    def forget_idle_topics(self, now: float | None = None) -> None:
-        """Forget the seqNo counter of topics idle for longer than the session TTL and the history
-        age: no resumable session and no retained message can refer to them any more, so nobody
-        can tell that the next publish starts the topic again at 1. Keeps `seq` bounded by the
-        topics in use instead of every topic ever published."""
-        horizon = (self.clock() if now is None else now) - max(self.config.session_ttl, self.config.history_age)
-        idle = self._idle
-        while idle:
-            topic, since = next(iter(idle.items()))
-            if since > horizon:
-                break
-            del idle[topic]
-            if self.history.oldest(topic) is None:
-                self.seq.pop(topic, None)
-            else:  # still retained (history_age was raised?): look again later
-                idle[topic] = horizon + max(self.config.session_ttl, self.config.history_age)
-
-    def _drop_session(self, session_id: str) -> None:
-        self._detached.pop(session_id, None)
-        self.sessions.pop(session_id, None)
+    def closed(self, code: int) -> None:
+        """Count a closed WebSocket connection by its close code (1006: no close frame)."""
+        self.disconnects[code] += 1
 
     def mark_dirty(self, client: Client) -> None:
         if not self.dirty:
             self.wake()
         self.dirty.append(client)
+
+    def take_dirty(self) -> list[Client]:
+        """The clients with something to write since the last call."""
+        dirty, self.dirty = self.dirty, []
+        return dirty
 
     def request_close(self, client: Client, code: int) -> None:
         """Ask the I/O layer to close `client` with `code` at the next flush."""
@@ -1451,36 +1715,271 @@ class Broker:
             self.delivery_latency.observe(now - published_at, n)
         self._unflushed.clear()
 
+    def sweep(self, now: float | None = None) -> None:
+        """Once a second: let the backbone expire sessions, history, dedup and idle topics."""
+        self.backbone.sweep(self.clock() if now is None else now)
+
+    # -- called by the backbone
+
+    def deliver(self, topic: str, epoch: str, seq: int, frame: bytes, published_at: float | None) -> None:
+        """One published message of `topic`, from the backbone, to this process's subscribers."""
+        feed = self.feeds.get(topic)
+        if feed is None:
+            return  # not received here (any more)
+        if not feed.ready:
+            feed.hold(epoch, seq, frame, published_at)
+        elif epoch != feed.epoch:  # the topic started again: from 0 in the new epoch, gaps filled as usual
+            self._new_epoch(topic, feed, epoch)
+            self.deliver(topic, epoch, seq, frame, published_at)
+        elif seq == feed.seq + 1:
+            self._fan_out(topic, feed, seq, frame, published_at)
+        elif seq > feed.seq:  # a gap: fill it from history before anything later
+            feed.ready = False
+            feed.hold(epoch, seq, frame, published_at)
+            self.backbone.history(topic, feed.seq + 1, seq - 1, lambda r: self._gap_read(topic, feed, seq - 1, r))
+        # else: at or below what was delivered here already (a repeat): dropped
+
+    def take_over(self, holder: Client) -> None:
+        """The session `holder` held was resumed elsewhere: detach it now, close it with 4002."""
+        if holder.broker is self:
+            self.disconnect(holder)
+            self.request_close(holder, CloseCode.SESSION_TAKEN_OVER)
+
+    def _fan_out(self, topic: str, feed: Feed, seq: int, frame: bytes, published_at: float | None) -> None:
+        feed.seq = seq
+        times = feed.times
+        if times is None:
+            times = feed.times = collections.deque(maxlen=ACK_TIMES)
+        times.append(published_at)
+        subs = self.topics.subscribers.get(topic)
+        if not subs:
+            return
+        dirty = self.dirty
+        if not dirty:
+            self.wake()
+        for c in subs:
+            if c.held:
+                c.hold(frame)  # behind a reply that is not ready yet
+                continue
+            out = c.out
+            if not out:
+                dirty.append(c)
+            out.append(frame)
+        n = len(subs)
+        self.delivered += n
+        if published_at is not None:
+            self._unflushed.append((published_at, n))
+
+    def _gap_read(self, topic: str, feed: Feed, upto: int, result: HistoryRange | ClientError) -> None:
+        """Messages missing from the live stream were read from history: deliver them, then what
+        waited. What history no longer holds cannot be delivered: the subscribers are closed with
+        1011 (retry), so their resume reports it as missed instead of skipping it silently."""
+        if self.feeds.get(topic) is not feed:
+            return
+        first = feed.seq + 1
+        if isinstance(result, ClientError) or result.oldest is None or result.oldest > first or len(result.frames) < upto - first + 1:
+            log.warning("topic %r: seqNo %d..%d missing from the backbone's delivery and history", topic, first, upto)
+            for client in list(self.topics.subscribers.get(topic, ())):
+                self.disconnect(client, reliable=False)
+                self.request_close(client, CloseCode.INTERNAL_ERROR)
+            feed.seq = upto
+        else:
+            for seq, frame in enumerate(result.frames, first):
+                self._fan_out(topic, feed, seq, frame, None)
+        self._ready(topic, feed)
+
+    def _new_epoch(self, topic: str, feed: Feed, epoch: str) -> None:
+        """The topic's counter started again under a new epoch while it was received here: tell
+        each subscriber (an unasked `subscribed` at seqNo 0), so clients drop their old position."""
+        seq = 0
+        feed.epoch = epoch
+        feed.seq = seq
+        feed.times = None
+        notice = text_frame(encode({"type": "subscribed", "topic": topic, "seqNo": seq, "epoch": epoch}))
+        for client in self.topics.subscribers.get(topic, ()):
+            client.send(notice)
+            position = client.session.positions.get(topic)
+            if position is not None:
+                position.start, position.acked, position.epoch = seq, 0, epoch
+                self.backbone.track(client.session.id, topic, position)
+
+    # -- feeds: one per topic this process receives
+
+    def _feed(self, topic: str) -> Feed:
+        """The topic's feed, joining the backbone first if this process does not receive it yet."""
+        feed = self.feeds.get(topic)
+        if feed is None:
+            feed = self.feeds[topic] = Feed()
+            self.backbone.join(topic, lambda position: self._joined(topic, feed, position))
+        return feed
+
+    def _joined(self, topic: str, feed: Feed, position: TopicPosition | ClientError) -> None:
+        if self.feeds.get(topic) is not feed:
+            return
+        if isinstance(position, ClientError):
+            # Nobody may be told a position that was never read: the subscribers retry.
+            log.warning("topic %r: joining the backbone failed: %s", topic, position.message)
+            for client in list(self.topics.subscribers.get(topic, ())):
+                self.disconnect(client, reliable=False)
+                self.request_close(client, CloseCode.INTERNAL_ERROR)
+            del self.feeds[topic]
+            return
+        feed.epoch, feed.seq = position
+        self._ready(topic, feed)
+
+    def _ready(self, topic: str, feed: Feed) -> None:
+        """The feed knows its position: answer who waited, then deliver what arrived meanwhile."""
+        feed.ready = True
+        waiting, feed.waiting = feed.waiting, None
+        for callback in waiting or ():
+            callback(feed)
+        buffer, feed.buffer = feed.buffer, None
+        for delivery in buffer or ():
+            self.deliver(topic, *delivery)
+        if feed.ready and topic not in self.topics.subscribers:
+            self._drop_feed(topic)
+
+    def _when_ready(self, feed: Feed, callback: Callable[[Feed], None]) -> None:
+        if feed.ready:
+            callback(feed)
+        elif feed.waiting is None:
+            feed.waiting = [callback]
+        else:
+            feed.waiting.append(callback)
+
+    def _drop_feed(self, topic: str) -> None:
+        feed = self.feeds.get(topic)
+        if feed is not None and feed.ready and not feed.waiting:
+            del self.feeds[topic]
+            self.backbone.leave(topic)
+
+    def _join_topic(self, client: Client, topic: str) -> Feed:
+        """Subscribe `client` to `topic` here and now: it receives every later delivery."""
+        if self.topics.subscribe(client, topic):
+            self.backbone.presence_add(topic, client.user_id)
+        return self._feed(topic)
+
+    def _leave_topic(self, client: Client, topic: str) -> None:
+        if self.topics.unsubscribe(client, topic):
+            self.backbone.presence_remove(topic, client.user_id)
+            if topic not in self.topics.subscribers:
+                self._drop_feed(topic)
+
     # -- messages from clients
 
     def handle(self, client: Client, text: str) -> None:
-        """Process one text message from `client`; replies go to its outbox."""
+        """Process one text message from `client`; replies go to its outgoing stream."""
         msg_id = None
+        self._slot = None
         try:
             msg = decode_client_message(text)
             msg_id = msg.get("id")
             kind = msg["type"]
+            if client.inbox is not None or (kind == "resume" and client.pending()):
+                self._wait(client, msg)  # behind a resume, or a resume behind unanswered requests
+                return
             if client.user_id is None and kind not in ("setup", "ping"):
                 raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
             self._handlers[kind](client, msg)
+            if kind == "resume" and client.held and client.inbox is None:
+                client.inbox = collections.deque()  # it is running: what comes next waits for it
+                client.pause_input(True)
         except ClientError as exc:
-            self._error(client, exc.code, exc.message, msg_id, **exc.context)
+            self._error(client, exc, msg_id)
         except Exception:
             log.exception("unexpected failure handling a message")
-            self._error(client, "INTERNAL_ERROR", "the server failed to handle this message", msg_id)
+            self._error(client, ClientError("INTERNAL_ERROR", "the server failed to handle this message"), msg_id)
+
+    def _dispatch(self, client: Client, msg: dict) -> None:
+        if client.user_id is None and msg["type"] not in ("setup", "ping"):
+            raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
+        self._handlers[msg["type"]](client, msg)
+
+    def _wait(self, client: Client, msg: dict) -> None:
+        if client.inbox is None:
+            client.inbox = collections.deque()
+            client.pause_input(True)
+        client.inbox.append(msg)
+
+    def run_inbox(self, client: Client) -> None:
+        """Handle the requests that waited, until one has to wait again."""
+        inbox = client.inbox
+        while inbox and client.broker is self:
+            msg = inbox[0]
+            if msg["type"] == "resume" and client.pending():
+                return
+            inbox.popleft()
+            self._slot = None
+            try:
+                self._dispatch(client, msg)
+            except ClientError as exc:
+                self._error(client, exc, msg.get("id"))
+            except Exception:
+                log.exception("unexpected failure handling a message")
+                self._error(client, ClientError("INTERNAL_ERROR", "the server failed to handle this message"), msg.get("id"))
+            if client.held and msg["type"] == "resume":
+                return  # it is running: the rest waits for it
+        if client.inbox is inbox and not inbox:
+            client.inbox = None
+            client.pause_input(False)
 
     def handle_binary(self, client: Client) -> None:
-        self._error(client, "INVALID_JSON", "binary frames are not accepted: send JSON in a text frame")
+        self._error(client, ClientError("INVALID_JSON", "binary frames are not accepted: send JSON in a text frame"))
 
-    def _error(self, client: Client, code: str, message: str, msg_id: Any = None, **context: Any) -> None:
-        self.errors[code] += 1
-        client.send(text_frame(encode(error_message(code, message, msg_id, **context))))
+    def _error(self, client: Client, exc: ClientError, msg_id: Any = None) -> None:
+        self.errors[exc.code] += 1
+        frame = _error_frame(exc, msg_id)
+        slot, self._slot = self._slot, None
+        if slot is not None and slot.frames is None:
+            client.fill(slot, [frame])  # the request failed after it reserved its place
+        else:
+            client.send(frame)
 
     def _reply(self, client: Client, request: dict, reply: dict) -> None:
+        client.send(self._frame(request, reply))
+
+    def _reserve(self, client: Client) -> Slot:
+        """Reserve the place of this request's reply (and remember it, for a failure after this)."""
+        slot = self._slot = Slot()
+        if client.held is None:
+            client.held = [slot]
+        else:
+            client.held.append(slot)
+        return slot
+
+    def _answer(self, client: Client, slot: Slot, request: dict, make: Callable[[Any], list[bytes]]) -> Callable[[Any], None]:
+        """A completion that fills `slot` with make(result), or with the error the result is or
+        that make raised. Nothing a completion does can leave the slot empty."""
+
+        def done(result: Any) -> None:
+            if client.broker is not self:
+                return
+            try:
+                if isinstance(result, ClientError):
+                    raise result
+                frames = make(result)
+            except Exception as exc:
+                self._fail(client, slot, request, exc)
+            else:
+                client.fill(slot, frames)
+
+        return done
+
+    def _fail(self, client: Client, slot: Slot, request: dict, exc: Exception) -> None:
+        """Fill `slot` with the error reply for `exc` (INTERNAL_ERROR for anything unexpected)."""
+        if not isinstance(exc, ClientError):
+            log.error("unexpected failure completing a request", exc_info=exc)
+            exc = ClientError("INTERNAL_ERROR", "the server failed to handle this message")
+        self.errors[exc.code] += 1
+        client.fill(slot, [_error_frame(exc, request.get("id"))])
+
+    @staticmethod
+    def _frame(request: dict, reply: dict) -> bytes:
+        """The frame of a direct reply to `request`, with its id echoed."""
         msg_id = request.get("id")
         if msg_id is not None:
             reply["id"] = msg_id
-        client.send(text_frame(encode(reply)))
+        return text_frame(encode(reply))
 
     def _setup(self, client: Client, msg: dict) -> None:
         if client.user_id is not None:
@@ -1501,18 +2000,20 @@ class Broker:
             raise self._too_many_subscriptions(field="topics")
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
-        session = client.session = Session(secrets.token_urlsafe(16), user_id, client)  # 128 random bits
-        self.sessions[session.id] = session
-        self._reply(client, msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.epoch})
-        for topic in topics:
-            self._attach(client, topic)
-            self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
+        session = client.session = Session(secrets.token_urlsafe(16), user_id)  # 128 random bits
+        ready = self._frame(msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.backbone.epoch, "expiresAt": None})
+        slot = self._reserve(client)
 
-    def _attach(self, client: Client, topic: str) -> None:
-        """Subscribe and start tracking the topic's position in the client's session."""
-        if self.topics.subscribe(client, topic):
-            self._idle.pop(topic, None)
-            client.session.positions.setdefault(topic, [self.seq.get(topic, 0), 0, None])
+        def created(result: ClientError | None) -> None:
+            if client.broker is self:
+                if result is None:
+                    client.fill(slot, [ready])
+                else:
+                    self._fail(client, slot, msg, result)
+
+        self.backbone.create_session(session.id, user_id, client, self.clock(), created)
+        for topic in topics:
+            self._subscribe_to(client, topic, msg)
 
     def _too_many_subscriptions(self, **context: Any) -> ClientError:
         return ClientError("TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", **context)
@@ -1527,15 +2028,32 @@ class Broker:
         topic = self._topic_of(client, msg, locked=True)
         if topic not in client.topics and len(client.topics) >= self.config.max_subscriptions:
             raise self._too_many_subscriptions(topic=topic)
-        self._attach(client, topic)
-        self._reply(client, msg, {"type": "subscribed", "topic": topic, "seqNo": self.seq.get(topic, 0)})
+        self._subscribe_to(client, topic, msg)
+
+    def _subscribe_to(self, client: Client, topic: str, msg: dict) -> None:
+        """Join live now; answer `subscribed` with the position once the feed knows it: at once
+        when this process receives the topic already (or the backbone answered the join at once),
+        else in a reserved place once the backbone has answered."""
+        feed = self._join_topic(client, topic)
+        if feed.ready:
+            client.send(self._subscribed(client, topic, msg, feed))
+            return
+        slot = self._reserve(client)
+        self._when_ready(feed, self._answer(client, slot, msg, lambda feed: [self._subscribed(client, topic, msg, feed)]))
+
+    def _subscribed(self, client: Client, topic: str, msg: dict, feed: Feed) -> bytes:
+        session = client.session
+        if topic in client.topics and topic not in session.positions:  # where this subscription starts
+            position = session.positions[topic] = Position(feed.seq, feed.epoch)
+            self.backbone.track(session.id, topic, position)
+        return self._frame(msg, {"type": "subscribed", "topic": topic, "seqNo": feed.seq, "epoch": feed.epoch})
 
     def _unsubscribe(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
-        if self.topics.unsubscribe(client, topic):
-            client.session.positions.pop(topic, None)
-            if topic not in self.topics.subscribers:
-                self._went_idle(topic, self.clock())
+        if topic in client.topics:
+            self._leave_topic(client, topic)
+            if client.session.positions.pop(topic, None) is not None:
+                self.backbone.track(client.session.id, topic, None)
         self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
 
     def _publish(self, client: Client, msg: dict) -> None:
@@ -1555,16 +2073,47 @@ class Broker:
                     topic=topic, messageId=message_id,
                 )
             client.rate_tokens = tokens - 1.0
-        result = self.publish(client.user_id, topic, message_id, msg.get("payload"))
-        self._reply(client, msg, {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no})
+        data_json = encode_payload(msg.get("payload"))
+        slot = self._reserve(client)
 
-    def publish_checked(self, user_id: str, topic: Any, message_id: Any, data: Any, id_prefix: str) -> PublishResult:
-        """Check topic and messageId (one is generated, `id_prefix`-..., when None), then publish.
-        For publishers other than a WebSocket client: POST /publish and Server.publish."""
+        def acked(result: PublishResult | ClientError) -> None:  # the one completion of a publish: on its hot path
+            if client.broker is not self:
+                return
+            try:
+                if result.__class__ is not PublishResult:
+                    raise result
+                self._count(result)
+                ack = {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no}
+                client.fill(slot, [self._frame(msg, ack)])
+            except Exception as exc:
+                self._fail(client, slot, msg, exc)
+
+        self.backbone.publish(client.user_id, topic, message_id, data_json, self.clock(), acked)
+
+    def _count(self, result: PublishResult) -> None:
+        if result.status == "duplicate":
+            self.duplicates += 1
+        else:
+            self.published += 1
+
+    def publish_checked(
+        self, user_id: str, topic: Any, message_id: Any, data: Any, id_prefix: str, done: Callable[[PublishResult | ClientError], None]
+    ) -> None:
+        """Check topic, messageId (one is generated, `id_prefix`-..., when None) and data, then
+        publish; done(PublishResult or ClientError). For publishers other than a WebSocket
+        client: POST /publish, /demo/publish and Server.publish. A refused check raises."""
         topic = check_topic(topic, self.config.max_topic_length)
         if message_id is None:
             message_id = f"{id_prefix}-{secrets.token_hex(8)}"
-        return self.publish(user_id, topic, self.check_message_id(message_id, topic), data)
+        message_id = self.check_message_id(message_id, topic)
+        data_json = encode_payload(data)
+
+        def counted(result: PublishResult | ClientError) -> None:
+            if not isinstance(result, ClientError):
+                self._count(result)
+            done(result)
+
+        self.backbone.publish(user_id, topic, message_id, data_json, self.clock(), counted)
 
     def check_message_id(self, message_id: Any, topic: str | None = None) -> str:
         if not isinstance(message_id, str) or not message_id:
@@ -1584,27 +2133,41 @@ class Broker:
         if from_seq < 1:
             raise ClientError("INVALID_MESSAGE", "'fromSeq' must be an integer >= 1", field="fromSeq", topic=topic)
         epoch = msg.get("epoch")
-        last = self.seq.get(topic, 0)
-        self.history.expire()
-        oldest = self.history.oldest(topic)
-        if epoch is not None and epoch != self.epoch:
-            raise ClientError(
-                "REPLAY_UNAVAILABLE", "that epoch is not this server's: seqNos have restarted", topic=topic, oldestSeq=oldest or last + 1
-            )
-        if from_seq <= last and (oldest is None or from_seq < oldest):
-            raise ClientError(
-                "REPLAY_UNAVAILABLE", f"history no longer holds seqNo {from_seq}", topic=topic, oldestSeq=oldest or last + 1
-            )
-        self._resend(client, self.history.between(topic, from_seq))
-        self._reply(client, msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last})
+        if epoch is not None and not isinstance(epoch, str):
+            raise ClientError("INVALID_MESSAGE", "'epoch' must be a string", field="epoch", topic=topic)
+        slot = self._reserve(client)
 
-    def _resend(self, client: Client, frames: list[bytes]) -> int:
-        """Send retained frames again (replay, resume); their bytes are not counted as slowness."""
-        for frame in frames:
-            client.send(frame)
-            client.replay_credit += len(frame)
+        def replayed(result: HistoryRange, upto: int | None) -> list[bytes]:
+            last = result.last if upto is None else upto
+            oldest = result.oldest
+            if epoch is not None and epoch != result.epoch:
+                raise ClientError(
+                    "REPLAY_UNAVAILABLE", "that epoch is not the topic's: its seqNos have restarted",
+                    topic=topic, oldestSeq=oldest or result.last + 1, epoch=result.epoch,
+                )
+            if from_seq <= last and (oldest is None or from_seq < oldest):
+                raise ClientError(
+                    "REPLAY_UNAVAILABLE", f"history no longer holds seqNo {from_seq}",
+                    topic=topic, oldestSeq=oldest or result.last + 1, epoch=result.epoch,
+                )
+            frames = self._resent(client, result.frames)
+            frames.append(self._frame(msg, {"type": "replayed", "topic": topic, "fromSeq": from_seq, "toSeq": last, "epoch": result.epoch}))
+            return frames
+
+        def read(upto: int | None) -> None:
+            self.backbone.history(topic, from_seq, upto, self._answer(client, slot, msg, lambda result: replayed(result, upto)))
+
+        if topic in client.topics:
+            # Live messages of this topic already follow this reply: replay only up to them.
+            self._when_ready(self.feeds[topic], lambda feed: read(feed.seq))
+        else:
+            read(None)
+
+    def _resent(self, client: Client, frames: list[bytes]) -> list[bytes]:
+        """Frames sent again (replay, resume); their bytes are not counted as slowness."""
+        client.replay_credit += sum(map(len, frames))
         self.replayed += len(frames)
-        return len(frames)
+        return list(frames)
 
     def _resume(self, client: Client, msg: dict) -> None:
         session_id = require(msg, "sessionId", str, "a string")
@@ -1617,54 +2180,111 @@ class Broker:
             raise ClientError("INVALID_MESSAGE", "'lastSeqPerTopic' must map topics to integers >= 0", field="lastSeqPerTopic")
         for topic in given:
             check_topic(topic, self.config.max_topic_length, "lastSeqPerTopic")
-        self.expire_sessions()
-        session = self.sessions.get(session_id)
+        epochs = msg.get("epochs")
+        if epochs is None:
+            epochs = {}
+        elif not isinstance(epochs, dict) or not all(isinstance(v, str) for v in epochs.values()):
+            raise ClientError("INVALID_MESSAGE", "'epochs' must map topics to epoch strings", field="epochs")
         epoch = msg.get("epoch")
-        if session is None or session.user_id != client.user_id or (epoch is not None and epoch != self.epoch):
-            raise ClientError("SESSION_EXPIRED", "unknown or expired session, another user's, or another epoch", field="sessionId")
+        if epoch is not None and not isinstance(epoch, str):
+            raise ClientError("INVALID_MESSAGE", "'epoch' must be a string", field="epoch")
+        slot = self._reserve(client)
+        resume = _Resume(client, slot, msg, session_id, given, epochs)
+
+        def found(session: Session | None) -> None:
+            if session is None or session.user_id != client.user_id or (epoch is not None and epoch != self.backbone.epoch):
+                raise ClientError("SESSION_EXPIRED", "unknown or expired session, another user's, or another epoch", field="sessionId")
+            topics = dict.fromkeys(list(session.positions) + list(given) + list(client.topics))
+            if client.bound_topic is not None and any(t != client.bound_topic for t in topics):
+                raise _topic_locked(client, field="sessionId")
+            if len(topics) > self.config.max_subscriptions:
+                raise self._too_many_subscriptions(field="sessionId")
+            resume.topics = list(topics)
+            self.backbone.claim_session(session_id, client, self._step(resume, lambda claimed: self._claimed(resume, claimed)))
+
+        self.backbone.get_session(session_id, self._step(resume, found))
+
+    def _step(self, resume: _Resume, step: Callable[[Any], None]) -> Callable[[Any], None]:
+        """A completion of one step of a resume: any failure ends the resume with its error."""
+
+        def done(result: Any) -> None:
+            if resume.client.broker is not self or resume.slot.frames is not None:
+                return  # gone, or the resume failed already
+            try:
+                if isinstance(result, ClientError):
+                    raise result
+                step(result)
+            except Exception as exc:
+                self._fail(resume.client, resume.slot, resume.msg, exc)
+
+        return done
+
+    def _claimed(self, resume: _Resume, session: Session | None) -> None:
+        """The session is this connection's now: attach every topic live, then read each gap."""
+        if session is None:
+            raise ClientError("SESSION_EXPIRED", "the session expired while resuming", field="sessionId")
+        client = resume.client
         own = client.session
-        topics = dict.fromkeys(list(session.positions) + list(given) + list(client.topics))
-        if client.bound_topic is not None and any(t != client.bound_topic for t in topics):
-            raise _topic_locked(client, field="sessionId")
-        if len(topics) > self.config.max_subscriptions:
-            raise self._too_many_subscriptions(field="sessionId")
-        # Checked in full; from here on nothing can fail. Take the session over from a live connection.
-        other = session.client
-        if other is not None and other is not client:
-            self.disconnect(other)
-            self.request_close(other, CloseCode.SESSION_TAKEN_OVER)
-        self.history.expire()
-        replayed = 0
-        missed = []
-        positions: dict[str, list] = {}
-        for topic in topics:
-            last = self.seq.get(topic, 0)
-            if topic in given:
-                after = given[topic]
-            elif topic in session.positions:
-                after = session.position(topic)
-            else:
-                after = own.positions[topic][0]  # subscribed on this connection, not in the session
-            # A topic this connection already receives live: replay only what came before that.
-            upto = own.positions[topic][0] if topic in client.topics else last
-            acked = session.positions[topic][1] if topic in session.positions else 0
-            positions[topic] = [upto, acked, None]
-            if after < upto:
-                oldest = self.history.oldest(topic)
-                if oldest is None or after + 1 < oldest:
-                    missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest if oldest is not None else last + 1})
-                replayed += self._resend(client, self.history.between(topic, after + 1, upto))
-            self.topics.subscribe(client, topic)
-            self._idle.pop(topic, None)
-        if own is not session:
-            self.sessions.pop(own.id, None)
-        session.positions = positions
-        session.client = client
-        client.session = session
-        self._detached.pop(session.id, None)
-        self._reply(
-            client, msg, {"type": "resumed", "sessionId": session.id, "topics": list(topics), "replayed": replayed, "missed": missed}
-        )
+        resume.session = session
+        resume.live = {topic: own.positions.get(topic) for topic in client.topics}
+        if own.id != session.id:
+            self.backbone.drop_session(own.id)
+        client.session = Session(session.id, session.user_id)
+        resume.pending = len(resume.topics) + 1  # one more, taken below, so it cannot end mid-loop
+        for topic in resume.topics:
+            feed = self._join_topic(client, topic)
+            self._when_ready(feed, self._step(resume, lambda feed, topic=topic: self._resume_topic(resume, topic, feed)))
+        self._resume_step_done(resume)
+
+    def _resume_topic(self, resume: _Resume, topic: str, feed: Feed) -> None:
+        """The topic is live on this connection from feed.seq on: work out the gap before it."""
+        client = resume.client
+        kept = resume.session.positions.get(topic)
+        live = resume.live.get(topic)
+        if topic in resume.given:  # the client's own position counts first
+            after, held_epoch = resume.given[topic], resume.epochs.get(topic)
+        elif kept is not None:
+            after, held_epoch = kept.last(), kept.epoch
+        elif live is not None:
+            after, held_epoch = live.start, live.epoch
+        else:
+            after, held_epoch = feed.seq, feed.epoch
+        if held_epoch is not None and held_epoch != feed.epoch:
+            after = 0  # a position in an old epoch means nothing now: the whole current epoch
+        # A topic this connection already received live: replay only what came before that.
+        upto = live.start if live is not None and live.epoch == feed.epoch else feed.seq
+        acked = kept.acked if kept is not None and kept.epoch == feed.epoch else 0
+        position = client.session.positions[topic] = Position(upto, feed.epoch, acked)
+        self.backbone.track(client.session.id, topic, position)
+        resume.topic_epochs[topic] = feed.epoch
+        if after < upto:
+            gap = self._step(resume, lambda result: self._resume_gap(resume, topic, after, result))
+            self.backbone.history(topic, after + 1, upto, gap)
+        else:
+            self._resume_step_done(resume)
+
+    def _resume_gap(self, resume: _Resume, topic: str, after: int, result: HistoryRange) -> None:
+        if result.oldest is None or after + 1 < result.oldest:
+            oldest = result.oldest if result.oldest is not None else result.last + 1
+            resume.missed.append({"topic": topic, "fromSeq": after + 1, "oldestSeq": oldest})
+        resume.frames[topic] = self._resent(resume.client, result.frames)
+        self._resume_step_done(resume)
+
+    def _resume_step_done(self, resume: _Resume) -> None:
+        resume.pending -= 1
+        if resume.pending:
+            return
+        frames = [frame for topic in resume.topics for frame in resume.frames.get(topic, ())]
+        reply = {
+            "type": "resumed",
+            "sessionId": resume.session_id,
+            "topics": resume.topics,
+            "replayed": len(frames),
+            "missed": resume.missed,
+            "epochs": resume.topic_epochs,
+        }
+        frames.append(self._frame(resume.msg, reply))
+        resume.client.fill(resume.slot, frames)
 
     def _ack(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
@@ -1674,10 +2294,12 @@ class Broker:
         if "messageId" in msg:
             self.check_message_id(msg["messageId"], topic)
         position = client.session.positions.get(topic)
-        if seq_no is None or position is None or not position[1] < seq_no <= self.seq.get(topic, 0):
-            return  # nothing new to record: an old, repeated or not-yet-published position
-        position[1] = seq_no
-        published_at = self.history.time_of(topic, seq_no)
+        feed = self.feeds.get(topic)
+        if seq_no is None or position is None or feed is None or not position.acked < seq_no <= feed.seq:
+            return  # nothing new to record: an old, repeated or not-yet-delivered position
+        position.acked = seq_no
+        self.backbone.track(client.session.id, topic, position)
+        published_at = feed.time_of(seq_no)
         if published_at is not None:
             self.ack_latency.observe(self.clock() - published_at)
 
@@ -1689,50 +2311,20 @@ class Broker:
 
     def _presence(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
-        users = sorted({c.user_id for c in self.topics.subscribers.get(topic, ())})
-        self._reply(client, msg, {"type": "presence", "topic": topic, "users": users, "count": len(users)})
+        slot = self._reserve(client)
+
+        def presence(users: list[str]) -> list[bytes]:
+            return [self._frame(msg, {"type": "presence", "topic": topic, "users": users, "count": len(users)})]
+
+        self.backbone.presence(topic, self._answer(client, slot, msg, presence))
 
     def _ping(self, client: Client, msg: dict) -> None:
         self._reply(client, msg, {"type": "pong"})
 
-    # -- publishing, from any entry point
-
-    def publish(self, user_id: str, topic: str, message_id: str, data: Any) -> PublishResult:
-        """Sequence, remember and fan out one message (topic and messageId already checked)."""
-        now = self.clock()  # one reading for dedup, history, idle tracking and latency
-        seq = self.dedup.get(user_id, message_id, now)
-        if seq is not None:
-            self.duplicates += 1
-            return PublishResult("duplicate", message_id, seq, 0)
-        seq = self.seq.get(topic, 0) + 1
-        try:
-            frame = text_frame(encode({"type": "message", "topic": topic, "seqNo": seq, "messageId": message_id, "data": data}))
-        except (ValueError, TypeError, RecursionError):
-            # Data that decoded as JSON but cannot be encoded again (nested deeper than the
-            # encoder's recursion allows), or non-JSON data from Python code: nothing changes.
-            raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
-        self.seq[topic] = seq
-        self.dedup.add(user_id, message_id, seq, now)
-        self.history.add(topic, seq, frame, now)
-        self.published += 1
-        subs = self.topics.subscribers.get(topic)
-        if not subs:
-            self._went_idle(topic, now)
-            return PublishResult("ok", message_id, seq, 0)
-        dirty = self.dirty
-        if not dirty:
-            self.wake()
-        for c in subs:
-            out = c.out
-            if not out:
-                dirty.append(c)
-            out.append(frame)
-        n = len(subs)
-        self.delivered += n
-        self._unflushed.append((now, n))
-        return PublishResult("ok", message_id, seq, n)
+    # -- figures
 
     def stats(self) -> dict:
+        shared = self.backbone.stats()
         return {
             "connections": self.connections,
             "topics": len(self.topics.subscribers),
@@ -1741,11 +2333,11 @@ class Broker:
             "delivered": self.delivered,
             "replayed": self.replayed,
             "duplicates": self.duplicates,
-            "sessions": len(self.sessions),
-            "sequenced_topics": len(self.seq),
-            "epoch": self.epoch,
-            "history": {"messages": self.history.count, "bytes": self.history.bytes},
-            "dedup": {"entries": len(self.dedup)},
+            "sessions": shared["sessions"],
+            "sequenced_topics": shared["sequenced_topics"],
+            "epoch": self.backbone.epoch,
+            "history": shared["history"],
+            "dedup": shared["dedup"],
             "latency": {"delivery": self.delivery_latency.summary(), "ack": self.ack_latency.summary()},
             "errors": dict(self.errors),
             "disconnects": {str(k): v for k, v in sorted(self.disconnects.items())},
@@ -1754,6 +2346,7 @@ class Broker:
     def metrics(self) -> str:
         """Prometheus text exposition format 0.0.4."""
         lines: list[str] = []
+        shared = self.backbone.stats()
 
         def metric(name: str, kind: str, text: str, samples: Iterable[tuple[str, Any]]) -> None:
             lines.append(f"# HELP microsocket_{name} {text}")
@@ -1763,8 +2356,8 @@ class Broker:
         metric("connections", "gauge", "Open WebSocket connections.", [("", self.connections)])
         metric("topics", "gauge", "Topics with at least one subscriber.", [("", len(self.topics.subscribers))])
         metric("subscriptions", "gauge", "(topic, connection) pairs.", [("", self.topics.count)])
-        metric("sessions", "gauge", "Sessions, attached or resumable.", [("", len(self.sessions))])
-        metric("history_messages", "gauge", "Messages retained for replay.", [("", self.history.count)])
+        metric("sessions", "gauge", "Sessions, attached or resumable.", [("", shared["sessions"])])
+        metric("history_messages", "gauge", "Messages retained for replay.", [("", shared["history"]["messages"])])
         metric("published_total", "counter", "Messages accepted and sequenced.", [("", self.published)])
         metric("delivered_total", "counter", "Messages queued to subscribers live.", [("", self.delivered)])
         metric("replayed_total", "counter", "Messages sent again by replay or resume.", [("", self.replayed)])
@@ -1788,11 +2381,247 @@ class Broker:
         return "\n".join(lines) + "\n"
 
 
-# === 13. HTTP routes ==============================================================================
+class _Resume:
+    """The state of one resume while its steps complete."""
+
+    __slots__ = ("client", "slot", "msg", "session_id", "given", "epochs", "topics", "session", "live", "pending", "frames", "missed", "topic_epochs")
+
+    def __init__(self, client: Client, slot: Slot, msg: dict, session_id: str, given: dict, epochs: dict) -> None:
+        self.client = client
+        self.slot = slot
+        self.msg = msg
+        self.session_id = session_id
+        self.given = given  # lastSeqPerTopic
+        self.epochs = epochs  # the epochs those positions refer to
+        self.topics: list[str] = []
+        self.session: Session | None = None  # as the backbone kept it
+        self.live: dict[str, Position | None] = {}  # topics this connection received before
+        self.pending = 0
+        self.frames: dict[str, list[bytes]] = {}
+        self.missed: list[dict] = []
+        self.topic_epochs: dict[str, str] = {}
+
+
+# === 13. Backbones ================================================================================
+#
+# The state that several processes would share, behind the interface above. `MemoryBackbone`
+# keeps it in this process: topic counters and epochs, dedup (section 9), history (section 10),
+# sessions and presence. It answers every request at once through the same completions that an
+# asynchronous backbone calls later, so the broker has one code path. A topic's counter and epoch
+# are created at its first use and forgotten once nobody has used it for longer than the session
+# TTL and the history age; the next use starts it again at 1 under a new epoch, so a client
+# holding a position in the old one can always tell.
+
+
+class MemoryBackbone:
+    """Everything in this process's memory: the default, and the only backbone of one process.
+
+    State is kept in plain dicts of plain values, one entry per topic or session, rather than an
+    object each: on a server with many connections, every long-lived object is one more for the
+    garbage collector to walk. An attached session's positions are its connection's own Session
+    (the broker's, in this same process): kept here when the connection detaches, read from the
+    connection while it is attached. So `track` has nothing to store; a shared backbone stores
+    what it is told, for a session resumed on another process after this one is gone."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
+        self.broker: Broker | None = None
+        self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
+        self.retained = History(config.history_messages, config.history_age, config.history_bytes, clock)
+        self._seq: dict[str, int] = {}  # topic -> its latest seqNo, for every topic with a counter
+        self._epochs: dict[str, str] = {}  # topic -> its epoch (the same keys as _seq)
+        self._joined: set[str] = set()  # topics this process receives (the broker joined them)
+        # Topics with a counter that this process does not receive, oldest first: topic -> since
+        # when (it was last left, published to or read). See `_forget_idle`.
+        self._idle: collections.OrderedDict = collections.OrderedDict()
+        self._new_epoch = itertools.count(1)
+        # Sessions: sessionId -> userId; -> {topic: Position.values()} once it has a topic; -> the
+        # connection holding it while attached; detached ones -> since when, oldest first.
+        self._users: dict[str, str] = {}
+        self._positions: dict[str, dict[str, tuple]] = {}
+        self._holders: dict[str, Any] = {}
+        self._detached: collections.OrderedDict = collections.OrderedDict()
+        self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
+        self._subscribed: dict[str, int] = {}  # topic -> connections (the sum of the above)
+
+    def bind(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _topic(self, topic: str, now: float) -> str:
+        """The topic's epoch, its counter created at 0 if it has none; a use that keeps it from idling."""
+        epoch = self._epochs.get(topic)
+        if epoch is None:
+            # Unique in this process (a counter) and across its restarts (the process's epoch).
+            epoch = self._epochs[topic] = f"{self.epoch}.{next(self._new_epoch):x}"
+            self._seq[topic] = 0
+        if topic not in self._joined:
+            self._idle.pop(topic, None)
+            self._idle[topic] = now
+        return epoch
+
+    def publish(self, user_id: str, topic: str, message_id: str, data_json: str, now: float, done: Callable) -> None:
+        seq = self.dedup.get(user_id, message_id, now)
+        if seq is not None:
+            done(PublishResult("duplicate", message_id, seq, 0))
+            return
+        epoch = self._topic(topic, now)
+        seq = self._seq[topic] = self._seq[topic] + 1
+        frame = message_frame(topic, seq, message_id, data_json)
+        self.dedup.add(user_id, message_id, seq, now)
+        self.retained.add(topic, seq, frame, now)
+        done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
+        if topic in self._joined:
+            self.broker.deliver(topic, epoch, seq, frame, now)
+
+    def join(self, topic: str, done: Callable) -> None:
+        self._joined.add(topic)
+        self._idle.pop(topic, None)
+        epoch = self._topic(topic, 0.0)  # joined: not idle, so the time is not used
+        done(TopicPosition(epoch, self._seq[topic]))
+
+    def leave(self, topic: str) -> None:
+        if topic in self._joined:
+            self._joined.discard(topic)
+            self._idle[topic] = self.clock()
+
+    def history(self, topic: str, first: int, last: int | None, done: Callable) -> None:
+        now = self.clock()
+        epoch = self._topic(topic, now)
+        self.retained.expire(now)
+        done(HistoryRange(epoch, self.retained.oldest(topic), self._seq[topic], self.retained.between(topic, first, last)))
+
+    # -- sessions
+
+    def create_session(self, session_id: str, user_id: str, holder: Any, now: float, done: Callable) -> None:
+        self._users[session_id] = user_id
+        self._holders[session_id] = holder
+        done(None)
+
+    def _session(self, session_id: str) -> Session:
+        """A copy of the session's positions, as the broker gets it: the live ones of the
+        connection holding it, else the ones kept when it detached."""
+        holder = self._holders.get(session_id)
+        if holder is not None and holder.session is not None and holder.session.id == session_id:
+            positions = {topic: position.copy() for topic, position in holder.session.positions.items()}
+        else:
+            positions = {topic: Position(*values) for topic, values in self._positions.get(session_id, {}).items()}
+        return Session(session_id, self._users[session_id], positions)
+
+    def get_session(self, session_id: str, done: Callable) -> None:
+        self._expire_sessions(self.clock())
+        done(self._session(session_id) if session_id in self._users else None)
+
+    def claim_session(self, session_id: str, holder: Any, done: Callable) -> None:
+        self._expire_sessions(self.clock())
+        if session_id not in self._users:
+            done(None)
+            return
+        other = self._holders.get(session_id)
+        if other is not None and other is not holder:
+            self.broker.take_over(other)  # detaches it: its positions are saved first
+        self._holders[session_id] = holder
+        self._detached.pop(session_id, None)
+        done(self._session(session_id))
+
+    def track(self, session_id: str, topic: str, position: Position | None) -> None:
+        pass  # the holder's Session is the live record in this process (see the class docstring)
+
+    def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
+        if session_id not in self._users or self._holders.get(session_id) is not holder:
+            return  # taken over already: the new holder's positions count
+        if positions:
+            self._positions[session_id] = {topic: position.values() for topic, position in positions.items()}
+        del self._holders[session_id]
+        self._detached[session_id] = now
+        self._expire_sessions(now)
+        while len(self._detached) > self.config.max_sessions:
+            self.drop_session(next(iter(self._detached)))
+
+    def drop_session(self, session_id: str) -> None:
+        for table in (self._users, self._positions, self._holders, self._detached):
+            table.pop(session_id, None)
+
+    def _expire_sessions(self, now: float) -> None:
+        """Drop detached sessions older than the TTL (oldest first)."""
+        horizon = now - self.config.session_ttl
+        detached = self._detached
+        while detached:
+            session_id, since = next(iter(detached.items()))
+            if since > horizon:
+                break
+            self.drop_session(session_id)
+
+    # -- presence
+
+    def presence_add(self, topic: str, user_id: str) -> None:
+        self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
+        users = self._presence.get(topic)
+        if users is None:
+            self._presence[topic] = {user_id: 1}
+        else:
+            users[user_id] = users.get(user_id, 0) + 1
+
+    def presence_remove(self, topic: str, user_id: str) -> None:
+        users = self._presence.get(topic)
+        if users is None:
+            return
+        count = self._subscribed[topic] - 1
+        if count:
+            self._subscribed[topic] = count
+        else:
+            del self._subscribed[topic]
+        users[user_id] -= 1
+        if users[user_id] <= 0:
+            del users[user_id]
+            if not users:
+                del self._presence[topic]
+
+    def presence(self, topic: str, done: Callable) -> None:
+        done(sorted(self._presence.get(topic, ())))
+
+    # -- time
+
+    def sweep(self, now: float) -> None:
+        self._expire_sessions(now)
+        self.retained.expire(now)
+        self._forget_idle(now)
+
+    def _forget_idle(self, now: float) -> None:
+        """Forget the counters of topics unused for longer than the session TTL and the history
+        age: no resumable session and no retained message refers to them any more. The next use
+        starts the topic again at 1 under a new epoch. Keeps the counters bounded by the topics in
+        use instead of every topic ever published."""
+        wait = max(self.config.session_ttl, self.config.history_age)
+        horizon = now - wait
+        idle = self._idle
+        while idle:
+            topic, since = next(iter(idle.items()))
+            if since > horizon:
+                break
+            del idle[topic]
+            if self.retained.oldest(topic) is None:
+                del self._seq[topic], self._epochs[topic]
+            else:  # still retained (history_age was raised?): look again later
+                idle[topic] = now
+
+    def stats(self) -> dict:
+        return {
+            "sessions": len(self._users),
+            "sequenced_topics": len(self._seq),
+            "history": {"messages": self.retained.count, "bytes": self.retained.bytes},
+            "dedup": {"entries": len(self.dedup)},
+        }
+
+
+
+# === 14. HTTP routes ==============================================================================
 #
 # A route table from (path pattern, method) to a handler; a handler takes a Request and returns a
 # Response or raises HTTPError, and `App.handle` turns every failure into a JSON error in one
 # place. WebSocket endpoints return an `Upgrade` instead: the I/O layer then switches protocols.
+# Routes that publish wait for the backbone, so they return a `PendingResponse` (section 4).
 # Nothing here does I/O, so every route can be tested in-process.
 
 
@@ -1805,7 +2634,7 @@ class Upgrade(NamedTuple):
 
 
 _BUILTIN_DOCS = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>microsocket</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}</style></head>
+<link rel="icon" href="data:,"><style>body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}</style></head>
 <body><h1>microsocket</h1><p>docs.html was not found beside the server, so this is the short version.</p>
 <ul><li><code>ws://HOST/ws</code>: one connection, many topics</li>
 <li><code>ws://HOST/ws/sub/{topic}</code>: a connection bound to one topic</li>
@@ -1850,7 +2679,7 @@ class App:
         except OSError:
             return _BUILTIN_DOCS.encode()
 
-    def handle(self, request: Request) -> Response | Upgrade:
+    def handle(self, request: Request) -> Response | Upgrade | PendingResponse:
         """Dispatch; every failure becomes a JSON error response here."""
         try:
             handler, params = self._route(request)
@@ -1876,12 +2705,12 @@ class App:
     # -- WebSocket endpoints
 
     def websocket(self, request: Request) -> Upgrade:
-        return Upgrade("ws", handshake_response(self._check_upgrade(request)))
+        return Upgrade("ws", handshake_response(self._check_upgrade(request), select_subprotocol(request)))
 
     def websocket_sub(self, request: Request, topic: str) -> Upgrade:
         key = self._check_upgrade(request)
         topic = _url_topic(topic, self.config.max_topic_length)
-        return Upgrade("sub", handshake_response(key), topic)
+        return Upgrade("sub", handshake_response(key, select_subprotocol(request)), topic)
 
     def echo(self, request: Request) -> Upgrade:
         return Upgrade("echo", handshake_response(self._check_upgrade(request)))
@@ -1930,9 +2759,9 @@ class App:
         except UnicodeDecodeError:
             raise HTTPError(400, "query string is not valid UTF-8") from None
         message_id = f"demo-{next(self._demo_ids)}-{secrets.token_hex(4)}"
-        result = self.broker.publish("demo", topic, message_id, data)
-        body = {"ok": True, "topic": topic, "messageId": message_id, "seqNo": result.seq_no, "subscribers": result.subscribers}
-        return json_response(200, body)
+        return self._publish("demo", topic, message_id, data, lambda r: {
+            "ok": True, "topic": topic, "messageId": r.message_id, "seqNo": r.seq_no, "subscribers": r.subscribers,
+        })
 
     def post_publish(self, request: Request) -> Response:
         scheme, _, token = (request.header("authorization") or "").partition(" ")
@@ -1948,11 +2777,26 @@ class App:
             raise HTTPError(400, "body is not valid JSON") from None
         if not isinstance(body, dict):
             raise HTTPError(400, 'body must be a JSON object {"topic", "messageId"?, "data"}')
+        return self._publish(user_id, body.get("topic"), body.get("messageId"), body.get("data"), lambda r: {
+            "status": r.status, "messageId": r.message_id, "seqNo": r.seq_no,
+        })
+
+    def _publish(self, user_id: str, topic: Any, message_id: Any, data: Any, answer: Callable[[PublishResult], dict]) -> PendingResponse:
+        """Publish through the broker; the response is answer(result) once the backbone has it."""
+        pending = PendingResponse()
+
+        def done(result: PublishResult | ClientError) -> None:
+            if isinstance(result, ClientError):
+                status = 503 if result.code == "BACKBONE_UNAVAILABLE" else 400
+                pending.resolve(error_response(HTTPError(status, result.message)))
+            else:
+                pending.resolve(json_response(200, answer(result)))
+
         try:
-            result = self.broker.publish_checked(user_id, body.get("topic"), body.get("messageId"), body.get("data"), "http")
+            self.broker.publish_checked(user_id, topic, message_id, data, "http", done)
         except ClientError as exc:
             raise HTTPError(400, exc.message) from None
-        return json_response(200, {"status": result.status, "messageId": result.message_id, "seqNo": result.seq_no})
+        return pending
 
 
 def _url_topic(raw: str, max_length: int) -> str:
@@ -2050,7 +2894,7 @@ def openapi_document(config: Config) -> dict:
     if config.echo:
         paths["/echo"] = {"get": {"summary": "WebSocket echo, for conformance testing", "responses": {"101": {"description": "switching protocols"}, **upgrade_errors}}}
     integer = {"type": "integer", "minimum": 0}
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway. The WebSocket messages are in /asyncapi.json."},
         "paths": paths,
@@ -2081,6 +2925,7 @@ def openapi_document(config: Config) -> dict:
             },
         },
     }
+    return configured(document, config.max_topic_length, config.max_message_id_length)
 
 
 def protocol_limits(config: Config) -> dict:
@@ -2092,6 +2937,14 @@ def protocol_limits(config: Config) -> dict:
         "maxSubscriptions": config.max_subscriptions,
         "maxConnections": config.max_connections,
         "maxBuffer": config.max_buffer,
+        "maxHeadSize": config.max_head_size,
+        "maxBodySize": config.max_body_size,
+        "maxSessions": config.max_sessions,
+        "dedupPerUser": config.dedup_per_user,
+        "dedupTotal": config.dedup_total,
+        "historyBytes": config.history_bytes,
+        "handshakeTimeout": config.handshake_timeout,
+        "closeTimeout": config.close_timeout,
         "publishRate": config.publish_rate,
         "publishBurst": config.publish_burst,
         "dedupWindow": config.dedup_window,
@@ -2116,6 +2969,7 @@ def asyncapi_document(config: Config, host: str | None = None) -> dict:
     for direction, table in (("client", CLIENT_MESSAGES), ("server", SERVER_MESSAGES)):
         for kind, summary, properties, required, example in table:
             name = f"{direction}.{kind}"
+            properties = configured(properties, config.max_topic_length, config.max_message_id_length)
             schemas[name] = message_schema(kind, properties, required)
             messages[name] = {
                 "name": kind,
@@ -2177,6 +3031,7 @@ def openapi_html(doc: dict) -> str:
     raw = html.escape(json.dumps(doc, indent=2))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>microsocket API</title>'
+        '<link rel="icon" href="data:,">'  # no /favicon.ico request (it would be a 404)
         "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
         "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3rem;text-align:left}"
         "pre{background:#f4f4f4;padding:1rem;overflow:auto}</style></head><body>"
@@ -2187,7 +3042,7 @@ def openapi_html(doc: dict) -> str:
     )
 
 
-# === 14. Server I/O (asyncio) =====================================================================
+# === 15. Server I/O (asyncio) =====================================================================
 #
 # The only section that uses asyncio. One `ServerConnection` per TCP connection, an
 # asyncio.Protocol: no task and no await per connection or per message. It starts in HTTP mode and
@@ -2207,7 +3062,7 @@ TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout abov
 
 
 class ServerConnection(Client, asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent")
+    __slots__ = ("server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent", "answering")
 
     def __init__(self, server: Server) -> None:
         Client.__init__(self, server.broker)
@@ -2221,6 +3076,7 @@ class ServerConnection(Client, asyncio.Protocol):
         self.active = False  # bytes arrived since the last tick
         self.idle_since = 0.0
         self.ping_sent = 0.0  # when our keepalive ping went out; 0 when none is outstanding
+        self.answering = False  # an HTTP response is pending: later requests wait for it
 
     # -- asyncio callbacks
 
@@ -2236,7 +3092,7 @@ class ServerConnection(Client, asyncio.Protocol):
             if self.broker is not None:
                 self.broker.disconnect(self, reliable=False)  # dropped without a closing handshake
             code = ws.close_sent if ws.close_sent is not None else ws.close_code
-            self.server.broker.disconnects[code if code is not None else CloseCode.ABNORMAL_CLOSURE] += 1
+            self.server.broker.closed(code if code is not None else CloseCode.ABNORMAL_CLOSURE)
 
     def data_received(self, data: bytes) -> None:
         self.active = True
@@ -2253,20 +3109,39 @@ class ServerConnection(Client, asyncio.Protocol):
     def _http_data(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
-        while self.reader is not None and not self.lost:
+        while self.reader is not None and not self.lost and not self.answering:
             try:
                 request = reader.next_request()
             except HTTPError as exc:
                 self._respond(error_response(exc), keep_alive=False, head=False)
                 return
             if request is None:
+                if reader.expects_continue:
+                    reader.expects_continue = False
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 return
             result = self.server.app.handle(request)
             if isinstance(result, Upgrade):
                 self._upgrade(result, bytes(reader.buffer))
                 return
+            if isinstance(result, PendingResponse):
+                self.answering = True
+                self.transport.pause_reading()  # nothing more is read until this is answered
+                result.then(lambda response, request=request: self._answered(response, request))
+                continue
             self.deadline = self.server.clock() + self.server.config.handshake_timeout
             self._respond(result, request.keep_alive, request.method == "HEAD")
+
+    def _answered(self, response: Response, request: Request) -> None:
+        """A pending response is ready: write it, then go on with requests that came after it."""
+        self.answering = False
+        if self.lost or self.reader is None:
+            return
+        self.deadline = self.server.clock() + self.server.config.handshake_timeout
+        self._respond(response, request.keep_alive, request.method == "HEAD")
+        if self.reader is not None:
+            self.transport.resume_reading()
+            self._http_data(b"")
 
     def _respond(self, response: Response, keep_alive: bool, head: bool) -> None:
         self.transport.write(response.serialize(keep_alive, head))
@@ -2307,6 +3182,15 @@ class ServerConnection(Client, asyncio.Protocol):
                     broker.handle_binary(self)
         if ws.state != OPEN:
             self._finish(ws.data_to_send())
+
+    def pause_input(self, paused: bool) -> None:
+        """The broker holds this connection's requests while a resume runs: stop reading meanwhile."""
+        if self.lost or self.transport is None:
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def close_websocket(self, code: int, reason: str = "", reliable: bool = True) -> None:
         """Start the closing handshake from the server side (1001, 4001, ...)."""
@@ -2393,10 +3277,13 @@ class ServerConnection(Client, asyncio.Protocol):
 class Server:
     """The gateway: `await start()`, `publish(...)`, `await close()`; or `serve_forever()`."""
 
-    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: Config | None = None, clock: Callable[[], float] = time.monotonic, backbone: Backbone | None = None
+    ) -> None:
         self.config = config or Config()
         self.clock = clock  # every timer reads this clock: tests move it, then call tick()
-        self.broker = Broker(self.config, self._schedule_flush, clock)
+        self.backbone = backbone if backbone is not None else MemoryBackbone(self.config, clock)
+        self.broker = Broker(self.config, self.backbone, self._schedule_flush, clock)
         self.app = App(self.config, self.broker)
         self.connections: set[ServerConnection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -2423,12 +3310,28 @@ class Server:
         scheme = "https" if self.config.certfile else "http"
         return f"{scheme}://{host}:{self.port}"
 
-    def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> PublishResult:
-        """Publish from Python code, with the same checks, seqNo and dedup as a client publish."""
+    def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> asyncio.Future:
+        """Publish from Python code, with the same checks, seqNo and dedup as a client publish.
+
+        Returns a future of the PublishResult: `await server.publish(...)`. The publish is sent at
+        once, awaited or not. A bad topic, messageId or payload raises ValueError here; a failure
+        of the backbone is raised by the future.
+        """
+        future = self.loop.create_future()
+
+        def done(result: PublishResult | ClientError) -> None:
+            if future.done():
+                return
+            if isinstance(result, ClientError):
+                future.set_exception(ValueError(result.message))
+            else:
+                future.set_result(result)
+
         try:
-            return self.broker.publish_checked(user_id, topic, message_id, data, "py")
+            self.broker.publish_checked(user_id, topic, message_id, data, "py", done)
         except ClientError as exc:
             raise ValueError(exc.message) from None
+        return future
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self.loop is not None:
@@ -2437,9 +3340,7 @@ class Server:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        dirty = self.broker.dirty
-        self.broker.dirty = []
-        for conn in dirty:
+        for conn in self.broker.take_dirty():
             try:
                 conn.flush()
             except Exception:  # one broken connection must not strand the others of the batch
@@ -2461,9 +3362,7 @@ class Server:
             except Exception:
                 log.exception("timer sweep failed for a connection; dropping it")
                 conn.transport.abort()
-        self.broker.expire_sessions()
-        self.broker.history.expire()
-        self.broker.forget_idle_topics()
+        self.broker.sweep(now)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, grace: float | None = None) -> None:
         """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""
@@ -2509,7 +3408,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-# === 15. Command line =============================================================================
+# === 16. Command line =============================================================================
 #
 # One frozen Config, built from the command line in main() and passed down. Every option can also
 # come from a MICROSOCKET_* environment variable (used as the argparse default).
@@ -2548,6 +3447,17 @@ class Config:
     keyfile: str = ""
     echo: bool = False
     demo: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration that cannot work, with the same words the CLI uses (ValueError)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{field.name.replace('_', '-')} must not be negative")
+        if self.port > 65535:
+            raise ValueError("port must be 0 to 65535")
+        if self.keyfile and not self.certfile:
+            raise ValueError("--keyfile needs --certfile")
 
 
 # (flag, Config field, type, help); the default comes from Config or the environment.
@@ -2659,14 +3569,10 @@ def _usage_error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
-    for name, value in dataclasses.asdict(config).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            return _usage_error(f"{name.replace('_', '-')} must not be negative")
-    if config.port > 65535:
-        return _usage_error("port must be 0 to 65535")
-    if config.keyfile and not config.certfile:
-        return _usage_error("--keyfile needs --certfile")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        return _usage_error(str(exc))
     try:
         tls_context(config)  # load it once here, so a bad certificate is not reported as "cannot listen"
     except (OSError, ssl.SSLError) as exc:

@@ -13,7 +13,7 @@ Three phases, each against a fresh server process that this script starts and st
           publisher sends M messages with at most W unacknowledged, payload {t: send time (ns), i};
           deliveries/s and publish->deliver p50/p99 per size, with lost/dup/out-of-order checks.
 
-Bench conventions (../shared/bench/README.md): loopback only; a fresh server per phase (and per
+Bench conventions (bench/README.md): loopback only; a fresh server per phase (and per
 size) in its own process group, pinned to CPU 0 with taskset, this client pinned to CPU 1; every
 phase is bounded in time; the server's process group is killed at the end even on error or signal;
 JSON lines go to a results file outside the repository, progress to stderr, markdown tables to stdout.
@@ -21,7 +21,7 @@ JSON lines go to a results file outside the repository, progress to stderr, mark
 The client is pure standard library: asyncio Protocols that speak raw RFC 6455 (hand-made masked
 frames, a minimal unmasked-frame parser), so tens of thousands of connections fit in one process on
 one core. Connections come from several 127.0.0.x source addresses (the ephemeral port range holds
-~28k per address). The growth phase can use the shared Bun load generator instead (--growth-client bun).
+~28k per address). The growth phase can use the shared Bun load generator instead (--growth-client bun; bench/setup.sh installs Bun).
 
 Open files: the script raises RLIMIT_NOFILE (for itself and the server) as far as it may. Where the
 hard limit cannot be raised (no CAP_SYS_RESOURCE, e.g. a 20,000 hard limit), the idle phase measures
@@ -946,7 +946,7 @@ async def growth_bun(opts: argparse.Namespace, server: Server, S: int, M: int, o
                FANOUT_MSGS=str(M), FANOUT_WINDOW=str(opts.growth_window), CONNECT_CONCURRENCY=str(opts.concurrency),
                IDLE_TIMEOUT_MS=str(int(opts.idle_timeout * 1000)))
     taskset = shutil.which("taskset") if opts.pin else None
-    cmd = ([taskset, "-c", str(opts.client_cpu)] if taskset else []) + [str(opts.bun), str(opts.bench_dir / "loadgen" / "loadgen.ts"), "fanout"]
+    cmd = ([taskset, "-c", str(opts.client_cpu)] if taskset else []) + [str(opts.bun), "--no-install", str(opts.bench_dir / "loadgen" / "loadgen.ts"), "fanout"]
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=str(opts.bench_dir), stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -1086,8 +1086,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server", type=Path, default=REPO / "microsocket.py", help="the server script")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable, e.g. --server-arg=--ping-interval=0)")
     ap.add_argument("--results", type=Path, help="JSON lines output (default /tmp/microsocket-scale/<timestamp>.jsonl)")
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench", help="shared bench folder (for --growth-client bun)")
-    ap.add_argument("--bun", type=Path, default=Path.home() / ".cache" / "microsocket-bench" / "bin" / "bun")
+    ap.add_argument("--bench-dir", type=Path, default=REPO / "bench", help="bench folder with loadgen/loadgen.ts (for --growth-client bun)")
+    ap.add_argument("--bun", type=Path, default=Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "microsocket-bench")) / "bin" / "bun",
+                    help="Bun binary that bench/setup.sh installs")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
@@ -1117,7 +1118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cap subscribers x messages per size by sending fewer messages (default 0 = no cap, quick 300000)")
     ap.add_argument("--growth-window", type=int, default=64)
     ap.add_argument("--growth-client", choices=["python", "bun"], default="python",
-                    help="python: this script's client; bun: the shared Bun loadgen's fanout scenario")
+                    help="python: this script's client; bun: bench/loadgen/loadgen.ts's fanout scenario")
     ap.add_argument("--growth-timeout", type=float, default=120.0, help="seconds per size for the publishing part")
     ap.add_argument("--idle-timeout", type=float, default=10.0, help="give up a growth size after this long without progress")
     ap.add_argument("--sample-cap", type=int, default=2_000_000, help="latency samples kept per size (every k-th subscriber)")
@@ -1150,7 +1151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.bench_dir = opts.bench_dir.resolve()
     if opts.growth_client == "bun" and "growth" in opts.phases:
         if not opts.bun.exists() or not (opts.bench_dir / "loadgen" / "loadgen.ts").exists():
-            ap.error(f"--growth-client bun needs {opts.bun} and {opts.bench_dir}/loadgen/loadgen.ts (run ../shared/bench/setup.sh)")
+            ap.error(f"--growth-client bun needs {opts.bun} and {opts.bench_dir}/loadgen/loadgen.ts (run bench/setup.sh)")
     return opts
 
 

@@ -1,0 +1,356 @@
+"""The /docs page in Chromium: the console (connect, set up, publish, drop, resume, gaps, JSON
+errors) and its MicroSocketClient (per-topic epochs after a topic starts again, the live limits,
+ack before the publisher's own message, the microsocket.v1 subprotocol, the source it shows).
+
+Chromium (Debian's `chromium`) is driven by the `playwright` package through executable_path;
+never `playwright install`. Playwright's sync API cannot run inside an asyncio loop, which is why
+the in-process server has a thread of its own (ServerHandle). Every wait is one of Playwright's,
+with a timeout. Every test skips, saying what is missing, without playwright or Chromium.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import urllib.parse
+
+import pytest
+
+import microsocket as ms
+from conftest import HERE, FakeClock, http_request, wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-proxy-server",
+]
+WAIT_MS = 10_000
+TOPIC = "prices"
+
+
+def _playwright():
+    """The sync Playwright API, or a skip saying what is missing."""
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.skip("the browser test needs the playwright package: python3 -m pip install playwright")
+    if shutil.which("chromium") is None:
+        pytest.skip("the browser test needs Chromium: apt-get install -y chromium")
+    return sync_playwright, expect
+
+
+@contextlib.contextmanager
+def console_page(port: int, tmp_path):
+    """A fresh Chromium page on /docs; fails afterwards on a page error or a request to another host."""
+    sync_playwright, expect = _playwright()
+    problems: list[str] = []
+
+    def check_url(url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme in ("data", "blob", "about"):
+            return
+        if parsed.hostname != "127.0.0.1" or parsed.port != port:
+            problems.append(f"request to another host: {url}")
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=shutil.which("chromium"), headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, color_scheme="light",
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
+            page.on("request", lambda req: check_url(req.url))
+            page.on("websocket", lambda ws: check_url(ws.url))
+            page.goto(f"http://127.0.0.1:{port}/docs")
+            yield page, expect
+        finally:
+            context.close()
+    assert problems == []
+
+
+def log_entry(page, kind: str, text: str = "", direction: str = "in"):
+    """The log entries of one type and direction, optionally containing `text`."""
+    entries = page.locator(f'#log .entry[data-type="{kind}"][data-dir="{direction}"]')
+    return entries.filter(has_text=text) if text else entries
+
+
+def send_form(page, kind: str) -> None:
+    """Choose a message type in the console's form and press Send."""
+    page.select_option("#type", kind)
+    page.click("#send")
+
+
+def test_browser_console_publish_drop_resume(server_factory, tmp_path):
+    """In Chromium the console connects, sets up, subscribes, publishes, and after two drops resumes with the missed messages."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        port = server.port
+        expect(page.locator("#preset")).to_have_value("/ws")
+        expect(page.locator("#url")).to_have_value(f"ws://127.0.0.1:{port}/ws")  # built from the page's origin
+        expect(page.locator("#token")).to_have_value("demo")
+        expect(page.locator("#topic")).to_have_value("prices")
+        page.click("#connect")
+        expect(page.locator("#state")).to_have_text("open")
+
+        send_form(page, "setup")
+        expect(log_entry(page, "ready")).to_have_count(1)
+        session_id = json.loads(log_entry(page, "ready").locator(".tx").inner_text())["sessionId"]
+        expect(page.locator("#memory")).to_contain_text(session_id)
+
+        send_form(page, "subscribe")
+        expect(log_entry(page, "subscribed", '"topic":"prices"')).to_have_count(1)
+
+        page.select_option("#type", "publish")
+        frame = json.loads(page.locator("#preview").inner_text())  # the live preview is the exact frame
+        assert (frame["type"], frame["topic"], frame["payload"]) == ("publish", "prices", {"price": 42, "sym": "BTC"})
+        page.click("#send")
+        expect(log_entry(page, "publish", frame["messageId"], "out")).to_have_count(1)
+        expect(log_entry(page, "ack", frame["messageId"])).to_have_count(1)
+        expect(log_entry(page, "message", frame["messageId"])).to_have_count(1)
+        assert '"status":"ok"' in log_entry(page, "ack").inner_text()
+
+        # Drop 1: the Disconnect button (close 1000); publish over HTTP meanwhile; reconnect + resume.
+        page.click("#disconnect")
+        expect(page.locator("#state")).to_have_text("closed")
+        expect(page.locator("#close-info")).to_contain_text("1000")
+        status, _, body = http_request(server.url("/demo/publish/prices?missed=first"))
+        assert status == 200 and json.loads(body)["seqNo"] == 2
+        page.click("#resume")
+        expect(log_entry(page, "resumed", session_id)).to_have_count(1)
+        expect(log_entry(page, "message", '"missed":"first"')).to_have_count(1)
+        assert '"replayed":1' in log_entry(page, "resumed").inner_text()
+
+        # Drop 2: the server closes the connection (1001); a server-side publish meanwhile; resume again.
+        server.call(lambda: [c.close_websocket(1001, "test drop") for c in list(server.server.connections)])
+        expect(page.locator("#state")).to_have_text("closed")
+        expect(page.locator("#close-info")).to_contain_text("1001")
+        expect(page.locator("#close-info")).to_contain_text("test drop")
+        assert server.publish("prices", {"missed": "second"}).seq_no == 3
+        page.click("#resume")
+        expect(log_entry(page, "resumed", session_id)).to_have_count(2)
+        expect(log_entry(page, "message", '"missed":"second"')).to_have_count(1)
+        expect(page.locator("#state")).to_have_text("open")
+        expect(page.locator("#log .entry.gap")).to_have_count(0)  # a resume leaves no gap
+
+        # The HTTP panel: the /demo/publish form and the POST /publish form, each delivered live.
+        page.fill("#demo-topic", "prices")
+        page.fill("#demo-query", "via=demo-form")
+        page.click("#demo-send")
+        expect(page.locator("#demo-result")).to_contain_text("200")
+        expect(page.locator("#demo-result")).to_contain_text("GET /demo/publish/prices?via=demo-form HTTP/1.1")
+        expect(log_entry(page, "message", '"via":"demo-form"')).to_have_count(1)
+        page.click("#post-send")
+        expect(page.locator("#post-result")).to_contain_text('"status": "ok"')
+        expect(log_entry(page, "message", '"price":43')).to_have_count(1)
+        expect(page.locator("#stats")).to_contain_text('"connections": 1')
+
+        # The console's two cards down to the bottom of the log (small enough to commit: < 200 KB).
+        log_entry(page, "resumed").last.click()  # pretty-printed JSON on click
+        expect(log_entry(page, "resumed").last.locator("pre")).to_contain_text('"replayed": 1')
+        page.evaluate("document.querySelector('#log').scrollTop = 1e9; window.scrollTo(0, 0)")
+        page.mouse.move(0, 0)  # no hover highlight in the picture
+        grid, log = page.locator("#console + .grid").bounding_box(), page.locator("#log").bounding_box()
+        clip = {"x": grid["x"], "y": grid["y"], "width": grid["width"], "height": log["y"] + log["height"] + 13 - grid["y"]}
+        shot = tmp_path / "console.png"
+        page.screenshot(path=str(shot), clip=clip)
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("MICROSOCKET_SCREENSHOT") == "1":
+            os.makedirs(os.path.join(HERE, "docs"), exist_ok=True)
+            with open(os.path.join(HERE, "docs", "console.png"), "wb") as f:
+                f.write(data)
+
+
+def test_browser_console_gap_and_json_errors(server_factory, tmp_path):
+    """In Chromium the console highlights a seqNo gap and says where a payload's JSON is invalid."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        page.uncheck("#auto")  # no automatic replay, so the gap stays visible
+        page.click("#connect")
+        expect(page.locator("#state")).to_have_text("open")
+        send_form(page, "setup")
+        expect(log_entry(page, "ready")).to_have_count(1)
+        send_form(page, "subscribe")
+        expect(log_entry(page, "subscribed")).to_have_count(1)
+        http_request(server.url("/demo/publish/prices?n=1"))
+        expect(log_entry(page, "message", '"n":"1"')).to_have_count(1)
+        send_form(page, "unsubscribe")
+        expect(log_entry(page, "unsubscribed")).to_have_count(1)
+        http_request(server.url("/demo/publish/prices?n=2"))  # missed: seqNo 2
+        send_form(page, "subscribe")
+        expect(log_entry(page, "subscribed")).to_have_count(2)
+        http_request(server.url("/demo/publish/prices?n=3"))
+        gap = page.locator("#log .entry.gap")
+        expect(gap).to_have_count(1)
+        expect(gap).to_contain_text('"n":"3"')
+        expect(gap).to_contain_text("gap: seqNo 2 missing")
+
+        page.select_option("#type", "publish")
+        page.fill("#payload", '{"price": 42,,}')
+        expect(page.locator("#payload-err")).to_contain_text("line 1, column 14")
+        expect(page.locator("#send")).to_be_disabled()
+        page.fill("#payload", '{"price": 42}')
+        expect(page.locator("#payload-err")).to_have_text("")
+        expect(page.locator("#send")).to_be_enabled()
+
+
+# === the JS client: per-topic epochs, live limits, order, subprotocol, shown source ===============
+
+
+def connect_and_subscribe(page, expect) -> None:
+    """Connect with the console (setup sent by the client on connect) and subscribe to TOPIC."""
+    page.check("#autosetup")
+    page.click("#connect")
+    expect(page.locator("#state")).to_have_text("open")
+    expect(log_entry(page, "ready")).to_have_count(1)
+    page.select_option("#type", "subscribe")
+    page.fill("#topic", TOPIC)
+    page.click("#send")
+    expect(log_entry(page, "subscribed", f'"topic":"{TOPIC}"')).to_have_count(1)
+
+
+def verdicts(page, marker: str) -> list[tuple[int, str]]:
+    """(seqNo, the client's decision) of every received message whose data contains `marker`, in log order."""
+    return page.evaluate(
+        """marker => [...document.querySelectorAll('#log .entry[data-type="message"][data-dir="in"]')]
+            .filter(d => d._raw.includes(marker))
+            .map(d => [JSON.parse(d._raw).seqNo, d.dataset.verdict || ''])""",
+        marker,
+    )
+
+
+# === the silent-loss scenario: a topic forgotten while the client was away ========================
+
+
+def test_client_delivers_every_message_after_the_topic_started_again(server_factory, tmp_path):
+    """After the server forgot an idle topic (its counter restarts at 1), the page's client, coming back, delivers every new message instead of dropping them as duplicates of its old position."""
+    clock = FakeClock()
+    server = server_factory(clock=clock, session_ttl=5, history_age=5)
+    with console_page(server.port, tmp_path) as (page, expect):
+        connect_and_subscribe(page, expect)
+        before = 8
+        for n in range(1, before + 1):
+            server.publish(TOPIC, {"round": "before", "n": n})
+        expect(log_entry(page, "message", '"round":"before"')).to_have_count(before)
+        expect(page.locator('#log .entry[data-type="message"][data-verdict="delivered"]')).to_have_count(before)
+        assert page.evaluate(f"window.microsocketClient.positions[{TOPIC!r}].seqNo") == before
+        first_epoch = json.loads(log_entry(page, "subscribed").first.locator(".tx").inner_text()).get("epoch")
+
+        # Away: the page disconnects; past max(session TTL, history age) the sweep forgets the
+        # session, the retained messages and the topic's counter.
+        page.click("#disconnect")
+        expect(page.locator("#state")).to_have_text("closed")
+        wait_until(lambda: server.stats()["connections"] == 0, what="the server to see the close")
+        clock.advance(11)
+        server.tick()
+        stats = server.stats()
+        assert (stats["sessions"], stats["sequenced_topics"], stats["history"]["messages"]) == (0, 0, 0), stats
+
+        # Back: reconnect + resume; the session is gone (SESSION_EXPIRED), so the client subscribes again.
+        page.click("#resume")
+        expect(log_entry(page, "error", "SESSION_EXPIRED")).to_have_count(1)
+        expect(log_entry(page, "subscribed", f'"topic":"{TOPIC}"')).to_have_count(2)
+        after = before  # as many as before: under the bug every one of them is at or below the old position
+        for n in range(1, after + 1):
+            result = server.publish(TOPIC, {"round": "after", "n": n})
+            assert result.seq_no == n and result.subscribers == 1, result  # the counter did start again
+        expect(log_entry(page, "message", '"round":"after"')).to_have_count(after)
+        expect(page.locator('#log .entry[data-type="message"][data-verdict="pending"]')).to_have_count(0)
+        second = json.loads(log_entry(page, "subscribed").last.locator(".tx").inner_text())
+        got = verdicts(page, '"round":"after"')
+        assert got == [[n, "delivered"] for n in range(1, after + 1)], (
+            f"messages the client did not deliver after the topic restarted (topic epoch before "
+            f"{first_epoch!r}, after {second.get('epoch')!r}): {got}"
+        )
+        assert page.evaluate(f"window.microsocketClient.positions[{TOPIC!r}]") == {"epoch": second.get("epoch"), "seqNo": after}
+
+
+# === limits shown on the page are the server's ===================================================
+
+
+def test_page_shows_the_limits_the_server_runs_with(server_factory, tmp_path):
+    """Every limit the page shows is the running server's configured value from /asyncapi.json, not a default typed into the page."""
+    options = dict(
+        max_topic_length=77, max_subscriptions=12, max_message_id_length=99, max_message_size=3 * 1024 * 1024,
+        max_buffer=5 * 1024 * 1024, max_body_size=2 * 1024 * 1024, session_ttl=33, history_age=44, history_messages=55, setup_timeout=7,
+        ping_interval=9, ping_timeout=8, publish_rate=321, publish_burst=654, dedup_window=1234, demo=False,
+    )
+    server = server_factory(**options)
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        limits = ms.protocol_limits(server.server.config)
+        assert http_request(server.url("/asyncapi.json")).json()["info"]["x-limits"] == limits
+        shown = page.evaluate(
+            "[...document.querySelectorAll('[data-limit]')].map(e => [e.dataset.limit, e.dataset.value ?? null, e.textContent])"
+        )
+        keys = {key for key, _, _ in shown}
+        assert set(limits) <= keys, f"limits the page does not show: {set(limits) - keys}"
+        for key, value, text in shown:
+            if key in limits:
+                assert value is not None and json.loads(value) == limits[key], (key, value, limits[key])
+                assert text and "…" not in text and "not reported" not in text, (key, text)
+            else:  # a limit this server does not report: said so, not a number made up by the page
+                assert value is None and "not reported" in text, (key, value, text)
+        by_key = {key: text for key, _, text in shown}
+        assert (by_key["maxTopicLength"], by_key["maxMessageSize"], by_key["sessionTtl"], by_key["publishRate"]) == (
+            "77", "3 MiB", "33 s", "321/s",
+        )
+        assert by_key["demoPublish"] == "off"
+        expect(page.locator("#close-info")).to_contain_text("7 s")  # the 4000 hint before connecting
+        table = page.locator("#limits + .tw").inner_text()
+        for default in ("256", "1 MiB", "120 s", "1,000/s"):
+            assert default not in table, f"a default value {default!r} in the limits table of a server configured otherwise"
+
+
+# === order: ack before the publisher's own message ================================================
+
+
+def test_ack_is_logged_before_the_publishers_own_message(server_factory, tmp_path):
+    """When the page publishes to a topic it is subscribed to, the log shows the ack before its own copy of the message."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        connect_and_subscribe(page, expect)
+        page.select_option("#type", "publish")
+        message_id = json.loads(page.locator("#preview").inner_text())["messageId"]
+        page.click("#send")
+        expect(log_entry(page, "ack", message_id)).to_have_count(1)
+        expect(log_entry(page, "message", message_id)).to_have_count(1)
+        order = page.evaluate(
+            """id => [...document.querySelectorAll('#log .entry[data-dir="in"]')]
+                .filter(d => d._raw.includes(id)).map(d => d.dataset.type)""",
+            message_id,
+        )
+        assert order == ["ack", "message"], order
+
+
+# === the subprotocol and the shown source =========================================================
+
+
+def test_client_gets_the_subprotocol(server_factory, tmp_path):
+    """The page's client offers microsocket.v1 and the server selects it: the socket's protocol is microsocket.v1 on the first try."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        page.click("#connect")
+        expect(page.locator("#state")).to_have_text("open")
+        opened = page.locator('#log .entry[data-type="open"][data-dir="event"]')
+        expect(opened).to_have_count(1)
+        assert page.evaluate("window.microsocketClient.ws.protocol") == "microsocket.v1"
+        expect(opened).to_contain_text('subprotocol "microsocket.v1"')
+        expect(page.locator('#log .entry[data-type="connecting"]')).to_have_count(1)  # no retry without it
+
+
+def test_shown_client_source_is_the_code_the_console_runs(server_factory, tmp_path):
+    """The MicroSocketClient source shown on the page is exactly the class the console's client is an instance of."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        shown = page.locator("#client-src").inner_text()
+        running = page.evaluate("window.microsocketClient.constructor.toString()")
+        assert shown.strip() == running.strip()
+        assert "class MicroSocketClient" in shown and "epochs" in shown

@@ -1,0 +1,155 @@
+"""Section 16 of microsocket.py: the command line, run as a subprocess.
+
+The CLI's checks and messages, its banner, the environment variables, signals, and the open-file
+limit that caps --max-connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import microsocket as ms
+from conftest import SCRIPT, RawClient, child_env, cli, free_port, read_banner, run, setup
+
+
+@pytest.mark.slow  # a Python subprocess each
+def test_cli_help_lists_every_option():
+    """--help lists every Config option (and its environment variable) and exits 0."""
+    done = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=20, env=child_env())
+    assert done.returncode == 0, done.stderr
+    for field in ms.dataclasses.fields(ms.Config):
+        special = {"demo": "--no-demo", "allowed_origins": "--allowed-origin"}
+        flag = special.get(field.name, "--" + field.name.replace("_", "-"))
+        assert flag in done.stdout, flag
+        assert "MICROSOCKET_" + field.name.upper() in done.stdout, field.name
+    for flag in ("--log-level", "--version"):
+        assert flag in done.stdout
+
+
+@pytest.mark.slow  # a Python subprocess each
+@pytest.mark.parametrize(
+    "args, env",
+    [(["--max-buffer", "-1"], {}), (["--port", "-5"], {}), (["--history-age", "-0.5"], {}), ([], {"MICROSOCKET_MAX_SUBSCRIPTIONS": "-3"})],
+    ids=["max-buffer", "port", "history-age", "env"],
+)
+def test_cli_refuses_negative_limits(args, env):
+    """A negative limit, from a flag or the environment, is refused with exit status 2."""
+    done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=20, env=child_env(**env))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "negative" in done.stderr
+
+
+@pytest.mark.slow  # a Python subprocess each
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "port must be 0 to 65535"),
+        (["--keyfile", "k.pem"], "--keyfile needs --certfile"),
+        (["--certfile", "/nonexistent/cert.pem"], "cannot load the TLS certificate or key (/nonexistent/cert.pem)"),
+        (["--certfile", SCRIPT], "cannot load the TLS certificate or key"),  # a file, but not PEM
+    ],
+    ids=["port-range", "keyfile-alone", "missing-cert", "not-a-cert"],
+)
+def test_cli_refuses_bad_port_and_tls_files_clearly(args, message):
+    """A port out of range or an unusable certificate is refused with exit 2 and says so, without a traceback."""
+    done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=20, env=child_env())
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # a Python subprocess each
+def test_cli_bad_value_is_usage_error():
+    """A non-numeric limit is an argparse usage error (exit 2)."""
+    done = subprocess.run([sys.executable, SCRIPT, "--max-buffer", "lots"], capture_output=True, text=True, timeout=20, env=child_env())
+    assert done.returncode == 2 and "--max-buffer" in done.stderr
+
+
+@pytest.mark.slow  # a Python subprocess each
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_prints_urls_and_shuts_down_on_signal(sig, wsclient):
+    """The CLI prints the docs and ws URLs; on SIGTERM/SIGINT a client gets 1001 and the process exits 0."""
+    port = free_port()
+
+    async def close_code_on_signal(proc) -> int:
+        async with wsclient.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await setup(ws)
+            proc.send_signal(sig)
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            return ws.close_code
+
+    with cli("--port", str(port), "--log-level", "WARNING") as (proc, lines):
+        banner = read_banner(lines)
+        assert f"http://127.0.0.1:{port}/docs" in banner
+        assert f"ws://127.0.0.1:{port}/ws" in banner
+        assert run(close_code_on_signal(proc)) == 1001
+        assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.slow  # a Python subprocess each
+def test_cli_port_from_environment():
+    """MICROSOCKET_PORT is honoured when --port is not given."""
+    port = free_port()
+    with cli(env=child_env(MICROSOCKET_PORT=str(port))) as (proc, lines):
+        banner = read_banner(lines)
+        assert f"ws://127.0.0.1:{port}/ws" in banner
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_open_file_limit_caps_max_connections(monkeypatch):
+    """max_connections above the open-file limit is lowered to fit under it (after trying to raise the soft limit)."""
+
+    class FakeResource:
+        RLIMIT_NOFILE = 7
+        RLIM_INFINITY = -1
+        limits = (256, 1000)
+
+        @classmethod
+        def getrlimit(cls, which):
+            return cls.limits
+
+        @classmethod
+        def setrlimit(cls, which, limits):
+            cls.limits = limits
+
+    monkeypatch.setattr(ms, "resource", FakeResource)
+    config = ms.fit_open_file_limit(ms.Config(max_connections=100_000))
+    assert FakeResource.limits == (1000, 1000)  # the soft limit was raised to the hard one
+    assert config.max_connections == 1000 - ms.FD_RESERVE
+    assert ms.fit_open_file_limit(ms.Config(max_connections=10)).max_connections == 10
+
+
+@pytest.mark.slow  # a Python subprocess each
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a Unix process limit (fork and setrlimit)")
+def test_past_the_open_file_limit_handshakes_get_503_not_hangs():
+    """With a low open-file limit, WebSocket handshakes past the cap get HTTP 503 instead of hanging on accept."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    port = free_port()
+    clients = []
+    with cli("--port", str(port), preexec_fn=low_limit) as (proc, lines):
+        try:
+            read_banner(lines)
+            statuses = []
+            for _ in range(160):
+                client = RawClient(port)
+                clients.append(client)
+                statuses.append(client.handshake(expect=None).status)
+                if statuses[-1] == 503:
+                    break
+            assert statuses.count(101) == 160 - ms.FD_RESERVE and statuses[-1] == 503
+        finally:
+            for client in clients:
+                client.close()
+    err = "".join(proc.stderr_lines)
+    assert "max-connections 100000 is over what the open-file limit (160) allows" in err
+    assert "out of system resource" not in err
