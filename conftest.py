@@ -382,9 +382,13 @@ def assert_error(msg: dict, code: str, **context: Any) -> None:
 # -- HTTP, sans-I/O and over a socket
 
 
-def make_request(method: str = "GET", path: str = "/", *headers: str, version: str = "1.1", body: bytes = b"") -> ms.Request:
-    """A parsed request, as the server's reader would produce it; `headers` are "Name: value" lines."""
+def make_request(method: str = "GET", path: str = "/", *headers: str, version: str = "1.1", body: bytes = b"",
+                 host: str | None = "test") -> ms.Request:
+    """A parsed request, as the server's reader would produce it; `headers` are "Name: value" lines,
+    with `Host: {host}` added unless one is given or host is None."""
     lines = [f"{method} {path} HTTP/{version}", *headers]
+    if host is not None and not any(h.lower().startswith("host:") for h in headers):
+        lines.insert(1, f"Host: {host}")
     if body:
         lines.append(f"Content-Length: {len(body)}")
     reader = ms.RequestReader()

@@ -135,6 +135,13 @@ SHUTDOWN_GRACE = 5.0  # seconds for closing handshakes on SIGINT/SIGTERM before 
 FD_RESERVE = 64  # file descriptors kept free of WebSocket connections: the listener, HTTP requests, logs
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds connect at once
 
+# Fragments of one message: past MAX_SMALL_FRAGMENTS, the average fragment must be at least
+# MIN_FRAGMENT_AVERAGE bytes (close 1009). Each frame costs a parse however small it is, so a
+# stream of empty continuation frames would otherwise keep the server busy for one message
+# forever; 64-byte fragments (the smallest Autobahn|Testsuite sends, up to 4 MiB) stay allowed.
+MAX_SMALL_FRAGMENTS = 1024
+MIN_FRAGMENT_AVERAGE = 32
+
 # RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
 MAX_CONTROL_PAYLOAD = 125
 
@@ -352,9 +359,18 @@ def serialize_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes |
     return header + payload
 
 
+def utf8(text: str) -> bytes:
+    """`text` as UTF-8. A lone surrogate (JSON text may carry "\\ud800", UTF-8 cannot) is written as
+    that \\u escape again, which in JSON output keeps the text valid JSON and valid UTF-8."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
 def text_frame(text: str) -> bytes:
     """A server text frame holding `text`."""
-    return serialize_frame(Opcode.TEXT, text.encode())
+    return serialize_frame(Opcode.TEXT, utf8(text))
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
@@ -452,7 +468,15 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     if version[0] != 1:
         raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     if not target.startswith("/"):
-        raise HTTPError(400, "request target must be an absolute path")
+        # RFC 9112 §3.2.2: "A server MUST accept the absolute-form in requests"; its authority
+        # then stands in for Host (the Host header, required all the same, is ignored).
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] == "/":
+            raise HTTPError(400, "request target must be an absolute path or an absolute http(s) URI")
+        slash = rest.find("/")
+        query = rest.find("?")
+        cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+        target = rest[cut:] if rest[cut:].startswith("/") else "/" + rest[cut:]
     if len(lines) - 1 > max_headers:
         raise HTTPError(431, f"more than {max_headers} header lines")
     headers = []
@@ -462,6 +486,12 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
             # RFC 9112 §5.2: obsolete line folding and whitespace before the colon are rejected.
             raise HTTPError(400, "malformed header line")
         headers.append((name.lower(), value.strip(" \t")))
+    hosts = sum(1 for name, _ in headers if name == "host")
+    if hosts > 1 or (hosts == 0 and version >= (1, 1)):
+        # RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+        # HTTP/1.1 request message that lacks a Host header field and to any request message that
+        # contains more than one Host header field line".
+        raise HTTPError(400, "a request needs exactly one Host header")
     path, _, query = target.partition("?")
     return Request(method, target, path, query, version, headers)
 
@@ -687,6 +717,7 @@ class WebSocketConnection:
         "_message_opcode",
         "_parts",
         "_size",
+        "_fragments",
         "_decoder",
         "_out",
     )
@@ -704,6 +735,7 @@ class WebSocketConnection:
         self._message_opcode = 0  # TEXT or BINARY while a fragmented message is open, else 0
         self._parts: list = []  # str pieces of a text message, bytes pieces of a binary one
         self._size = 0  # bytes of the open message so far
+        self._fragments = 0  # frames of the open message so far
         self._decoder: Any = None  # incremental UTF-8 decoder of the open text message
         self._out: list[bytes] = []
 
@@ -777,9 +809,13 @@ class WebSocketConnection:
         else:
             self._message_opcode = header.opcode
             self._size = 0
+            self._fragments = 0
         if self._size + header.length > self.max_message_size:
             raise PayloadTooBig(f"message over the {self.max_message_size}-byte limit")
         self._size += header.length
+        self._fragments += 1
+        if self._fragments > MAX_SMALL_FRAGMENTS and self._fragments * MIN_FRAGMENT_AVERAGE > self._size:
+            raise PayloadTooBig(f"message in over {MAX_SMALL_FRAGMENTS} fragments of under {MIN_FRAGMENT_AVERAGE} bytes on average")
 
     def _payload(self, chunk: bytes, last: bool, messages: list[tuple[int, Any]]) -> None:
         opcode = self._message_opcode
@@ -891,8 +927,16 @@ ERROR_CODES = (
 # SPEC codes this version never sends: ACLs and a backbone that can fail (Redis) are planned.
 PLANNED_ERROR_CODES = ("ACL_DENIED", "BACKBONE_UNAVAILABLE")
 
-# Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed.
-_BAD_TOPIC_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff*]")
+# Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed, nor
+# Unicode format characters (category Cf: bidi overrides, zero-width joiners and spaces, soft
+# hyphens, tags), which make look-alike topic names. Topics are not normalised: two topics are the
+# same only when their code points are.
+_FORMAT_CHARS = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)  # Unicode 15's Cf characters
+_BAD_TOPIC_CHAR = re.compile(f"[\\s\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff*{_FORMAT_CHARS}]")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -912,13 +956,14 @@ _decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_parse_f
 
 
 def _compact_encoder() -> Callable[[Any], str]:
-    """Compact JSON, NaN refused. JSONEncoder.encode builds a new C encoder on every call (about a
-    microsecond, on every reply and every publish); this builds it once, where CPython has it."""
-    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+    """Compact JSON, NaN refused, non-ASCII text as itself (sent as UTF-8: "é" is 2 bytes, where
+    the escape "\\u00e9" would be 6). JSONEncoder.encode builds a new C encoder on every call (about
+    a microsecond, on every reply and every publish); this builds it once, where CPython has it."""
+    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # another Python: the plain, slower path
         return encoder.encode
-    c_encode = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
+    c_encode = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
     return lambda obj: "".join(c_encode(obj, 0))
 
 
@@ -934,7 +979,10 @@ def check_topic(topic: Any, max_length: int = MAX_TOPIC_LENGTH, field: str = "to
     if len(topic) > max_length:
         raise ClientError("INVALID_TOPIC", f"topic is over {max_length} characters", field=field)
     if _BAD_TOPIC_CHAR.search(topic):
-        raise ClientError("INVALID_TOPIC", "topic contains whitespace, a control character or '*'", field=field, topic=topic)
+        raise ClientError(
+            "INVALID_TOPIC", "topic contains whitespace, a control or format character, a lone surrogate or '*'",
+            field=field, topic=topic,
+        )
     return topic
 
 
@@ -958,22 +1006,30 @@ def decode_client_message(text: str) -> dict:
     return msg
 
 
-def encode_payload(data: Any) -> str:
-    """A publish's payload as JSON text, or ClientError INVALID_MESSAGE: data that decoded as
+def encode_payload(data: Any) -> bytes:
+    """A publish's payload as UTF-8 JSON, or ClientError INVALID_MESSAGE: data that decoded as
     JSON but cannot be encoded again (nested deeper than the encoder's recursion allows), or
     non-JSON data from Python code. Checked before anything is sequenced."""
     try:
-        return encode(data)
+        return utf8(encode(data))
     except (ValueError, TypeError, RecursionError):
         raise ClientError("INVALID_MESSAGE", "'payload' cannot be sent as JSON (nested too deeply?)", field="payload") from None
 
 
-_quote = json.encoder.encode_basestring_ascii  # a str as a JSON string, in C where CPython has it
+_quote = json.encoder.encode_basestring  # a str as a JSON string, in C where CPython has it
+# The bytes of a `message` besides its topic, messageId and data, with a seqNo of 20 digits.
+_MESSAGE_OVERHEAD = len('{"type":"message","topic":,"seqNo":,"messageId":,"data":}') + 20
 
 
-def message_frame(topic: str, seq: int, message_id: str, data_json: str) -> bytes:
+def message_frame(topic: str, seq: int, message_id: str, data: bytes) -> bytes:
     """The frame of one published message: built once, sent to every subscriber, kept in history."""
-    return text_frame(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":{data_json}}}')
+    head = utf8(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":')
+    return serialize_frame(Opcode.TEXT, b"".join((head, data, b"}")))
+
+
+def message_size(topic: str, message_id: str, data: bytes) -> int:
+    """The most bytes the `message` of this publish can take (its seqNo not known yet)."""
+    return _MESSAGE_OVERHEAD + len(utf8(_quote(topic))) + len(utf8(_quote(message_id))) + len(data)
 
 
 def require(msg: dict, field: str, kind: type, what: str) -> Any:
@@ -1378,8 +1434,9 @@ class Backbone(Protocol):
     def bind(self, broker: Broker) -> None:
         """Deliver what is published to `broker.deliver`, take-overs to `broker.take_over`."""
 
-    def publish(self, user_id: str, topic: str, message_id: str, data_json: str, now: float, done: Callable) -> None:
-        """Dedup, sequence, keep in history and deliver one message; done(PublishResult)."""
+    def publish(self, user_id: str, topic: str, message_id: str, data: bytes, now: float, done: Callable) -> None:
+        """Dedup, sequence, keep in history and deliver one message (`data`: the payload as
+        UTF-8 JSON); done(PublishResult)."""
 
     def join(self, topic: str, done: Callable) -> None:
         """Start delivering `topic` to this process, then done(TopicPosition) read after joining."""
@@ -1617,6 +1674,9 @@ def _error_frame(exc: ClientError, msg_id: Any) -> bytes:
     return text_frame(encode(error_message(exc.code, exc.message, msg_id, **exc.context)))
 
 
+_DEFINED_CLOSE_CODES = frozenset(CloseCode)
+
+
 class Broker:
     """The pub/sub core. `handle(client, text)` for WebSocket messages, `publish_checked` for the
     rest; `deliver` and `take_over` are called by the backbone."""
@@ -1691,8 +1751,10 @@ class Broker:
         self.connections -= 1
 
     def closed(self, code: int) -> None:
-        """Count a closed WebSocket connection by its close code (1006: no close frame)."""
-        self.disconnects[code] += 1
+        """Count a closed WebSocket connection by its close code (1006: no close frame). Codes a
+        client picked that this protocol does not define are counted together as "other", so one
+        client cannot create thousands of /metrics labels."""
+        self.disconnects[code if code in _DEFINED_CLOSE_CODES else "other"] += 1
 
     def mark_dirty(self, client: Client) -> None:
         if not self.dirty:
@@ -2073,7 +2135,7 @@ class Broker:
                     topic=topic, messageId=message_id,
                 )
             client.rate_tokens = tokens - 1.0
-        data_json = encode_payload(msg.get("payload"))
+        data = self._payload(topic, message_id, msg.get("payload"))
         slot = self._reserve(client)
 
         def acked(result: PublishResult | ClientError) -> None:  # the one completion of a publish: on its hot path
@@ -2088,7 +2150,7 @@ class Broker:
             except Exception as exc:
                 self._fail(client, slot, msg, exc)
 
-        self.backbone.publish(client.user_id, topic, message_id, data_json, self.clock(), acked)
+        self.backbone.publish(client.user_id, topic, message_id, data, self.clock(), acked)
 
     def _count(self, result: PublishResult) -> None:
         if result.status == "duplicate":
@@ -2106,14 +2168,27 @@ class Broker:
         if message_id is None:
             message_id = f"{id_prefix}-{secrets.token_hex(8)}"
         message_id = self.check_message_id(message_id, topic)
-        data_json = encode_payload(data)
+        data = self._payload(topic, message_id, data)
 
         def counted(result: PublishResult | ClientError) -> None:
             if not isinstance(result, ClientError):
                 self._count(result)
             done(result)
 
-        self.backbone.publish(user_id, topic, message_id, data_json, self.clock(), counted)
+        self.backbone.publish(user_id, topic, message_id, data, self.clock(), counted)
+
+    def _payload(self, topic: str, message_id: str, payload: Any) -> bytes:
+        """The payload as UTF-8 JSON, refused when the `message` it makes would be over the message
+        size limit: no subscriber, replay or resume is ever sent a frame a client may not take."""
+        data = encode_payload(payload)
+        size = message_size(topic, message_id, data)
+        if size > self.config.max_message_size:
+            raise ClientError(
+                "INVALID_MESSAGE",
+                f"the message would be {size} bytes, over the {self.config.max_message_size}-byte message size limit",
+                field="payload", topic=topic, messageId=message_id,
+            )
+        return data
 
     def check_message_id(self, message_id: Any, topic: str | None = None) -> str:
         if not isinstance(message_id, str) or not message_id:
@@ -2340,7 +2415,7 @@ class Broker:
             "dedup": shared["dedup"],
             "latency": {"delivery": self.delivery_latency.summary(), "ack": self.ack_latency.summary()},
             "errors": dict(self.errors),
-            "disconnects": {str(k): v for k, v in sorted(self.disconnects.items())},
+            "disconnects": {str(k): v for k, v in sorted(self.disconnects.items(), key=str)},
         }
 
     def metrics(self) -> str:
@@ -2365,7 +2440,7 @@ class Broker:
         metric("errors_total", "counter", "Error replies by code.", [(f'{{code="{c}"}}', n) for c, n in sorted(self.errors.items())])
         metric(
             "disconnects_total", "counter", "Closed WebSocket connections by close code (1006: no close frame).",
-            [(f'{{code="{c}"}}', n) for c, n in sorted(self.disconnects.items())],
+            [(f'{{code="{c}"}}', n) for c, n in sorted(self.disconnects.items(), key=str)],
         )
         for name, hist, text in (
             ("delivery_latency_seconds", self.delivery_latency, "Publish to written-to-socket, per delivery."),
@@ -2461,14 +2536,14 @@ class MemoryBackbone:
             self._idle[topic] = now
         return epoch
 
-    def publish(self, user_id: str, topic: str, message_id: str, data_json: str, now: float, done: Callable) -> None:
+    def publish(self, user_id: str, topic: str, message_id: str, data: bytes, now: float, done: Callable) -> None:
         seq = self.dedup.get(user_id, message_id, now)
         if seq is not None:
             done(PublishResult("duplicate", message_id, seq, 0))
             return
         epoch = self._topic(topic, now)
         seq = self._seq[topic] = self._seq[topic] + 1
-        frame = message_frame(topic, seq, message_id, data_json)
+        frame = message_frame(topic, seq, message_id, data)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
         done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
@@ -2652,7 +2727,7 @@ class App:
         self.broker = broker
         self.docs = self._load_docs()
         self._demo_ids = itertools.count(1)
-        get = ("GET",)
+        get = ("GET", "HEAD")  # HEAD wherever GET has no side effect
         self.routes: list[tuple[re.Pattern, tuple[str, ...], Callable[..., Any]]] = [
             (re.compile(r"/\Z"), get, self.index),
             (re.compile(r"/docs\Z"), get, self.docs_page),
@@ -2666,8 +2741,8 @@ class App:
             (re.compile(r"/asyncapi\.json\Z"), get, self.asyncapi_json),
             (re.compile(r"/publish\Z"), ("POST",), self.post_publish),
         ]
-        if config.demo:
-            self.routes.append((re.compile(r"/demo/publish/(?P<topic>.+)\Z"), get, self.demo_publish))
+        if config.demo:  # GET only: a HEAD must not publish
+            self.routes.append((re.compile(r"/demo/publish/(?P<topic>.+)\Z"), ("GET",), self.demo_publish))
         if config.echo:
             self.routes.append((re.compile(r"/echo\Z"), get, self.echo))
 
@@ -2691,14 +2766,12 @@ class App:
             return error_response(HTTPError(500, "internal server error"))
 
     def _route(self, request: Request) -> tuple[Callable[..., Any], dict]:
-        method = "GET" if request.method == "HEAD" else request.method
         for pattern, methods, handler in self.routes:
             match = pattern.match(request.path)
             if match is None:
                 continue
-            if method not in methods:
-                allow = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
-                raise HTTPError(405, f"method {request.method} not allowed", [("Allow", allow)])
+            if request.method not in methods:
+                raise HTTPError(405, f"method {request.method} not allowed", [("Allow", ", ".join(methods))])
             return handler, match.groupdict()
         raise HTTPError(404, "not found")
 

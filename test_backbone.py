@@ -81,7 +81,7 @@ def test_epoch_change_under_a_live_feed_is_announced(broker_driver):
     old = d.one(a, {"type": "subscribe", "topic": "t"})
     d.server_publish("t", 2)
     assert seqs_of(d.take(a)) == [1, 2]
-    d.broker.deliver("t", "new-epoch", 1, ms.message_frame("t", 1, "m", "null"), None)
+    d.broker.deliver("t", "new-epoch", 1, ms.message_frame("t", 1, "m", b"null"), None)
     out = d.take(a)
     assert out == [
         {"type": "subscribed", "topic": "t", "seqNo": 0, "epoch": "new-epoch"},

@@ -14,7 +14,7 @@ import random
 import pytest
 
 import microsocket as ms
-from conftest import assert_error, seqs_of
+from conftest import assert_error, parse_frames, seqs_of
 
 
 def assert_usable(d, client: ms.Client) -> None:
@@ -1527,3 +1527,47 @@ def test_fuzz_broker_random_json_gives_only_spec_error_codes(broker_driver):
     assert seen >= {"ready", "subscribed", "unsubscribed", "ack", "message", "replayed", "resumed", "refreshed",
                     "presence", "pong", "AUTH_REQUIRED", "AUTH_FAILED", "ALREADY_SETUP", "INVALID_JSON", "UNKNOWN_TYPE",
                     "INVALID_MESSAGE", "INVALID_TOPIC", "SESSION_EXPIRED", "REPLAY_UNAVAILABLE"}, seen
+
+
+# -- what a publish sends out fits what clients are told they may receive
+
+
+def test_outgoing_json_is_utf8_not_escapes(broker_driver):
+    """Non-ASCII text goes out as UTF-8 (é is 2 bytes, not the 6 of \\u00e9), and a lone surrogate stays a valid \\u escape."""
+    d = broker_driver()
+    a = d.connect("alice", topics=["t"])
+    d.broker.handle(a, json.dumps({"type": "publish", "topic": "t", "messageId": "m1", "payload": {"text": "é€😀"}}))
+    d.broker.handle(a, json.dumps({"type": "publish", "topic": "t", "messageId": "m2", "payload": "\ud800"}))
+    d.settle()
+    frames = [f.payload for f in parse_frames(a.take_output())]
+    assert any("é€😀".encode() in f for f in frames) and not any(b"\\u00e9" in f for f in frames)
+    lone = next(f for f in frames if b'"m2"' in f and b'"message"' in f)
+    lone.decode("utf-8")  # valid UTF-8 on the wire
+    assert b'"data":"\\ud800"' in lone and json.loads(lone)["data"] == "\ud800"
+
+
+def test_publish_whose_message_would_be_over_the_size_limit_is_refused(broker_driver):
+    """A publish whose `message` would be over max_message_size is refused (INVALID_MESSAGE, field payload, the limit named) and takes no seqNo."""
+    d = broker_driver(max_message_size=1000)
+    a = d.connect("alice", topics=["t"])
+    out = d.publish(a, "t", "big", "é" * 480)  # 960 bytes of UTF-8 plus the envelope: over 1000
+    assert_error(out[0], "INVALID_MESSAGE", field="payload", messageId="big")
+    assert "1000-byte" in out[0]["message"]
+    out = d.publish(a, "t", "fits", "x" * 800)
+    assert [m["type"] for m in out] == ["ack", "message"] and out[0]["seqNo"] == 1
+    assert len(json.dumps(out[1], ensure_ascii=False, separators=(",", ":")).encode()) <= 1000
+    with pytest.raises(ms.ClientError):
+        d.broker.publish_checked("server", "t", "big2", "é" * 480, "py", lambda r: None)
+
+
+def test_close_codes_the_protocol_does_not_define_share_one_label(broker_driver):
+    """Disconnects are counted by close code, but the codes a client may pick that the protocol does not define (3000-4999 apart from 4000-4003) share the label "other": 2,000 codes from one client make one label, not 2,000."""
+    d = broker_driver()
+    for code in range(3000, 5000):
+        d.broker.closed(code)
+    d.broker.closed(ms.CloseCode.NORMAL_CLOSURE)
+    d.broker.closed(ms.CloseCode.SLOW_CONSUMER)
+    disconnects = d.stats()["disconnects"]
+    assert disconnects == {"1000": 1, "4000": 1, "4001": 2, "4002": 1, "4003": 1, "other": 1996}  # 4000-4003 are the protocol's
+    labels = [line for line in d.broker.metrics().splitlines() if line.startswith("microsocket_disconnects_total{")]
+    assert len(labels) == 6 and 'microsocket_disconnects_total{code="other"} 1996' in labels

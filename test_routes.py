@@ -117,3 +117,13 @@ def test_post_publish(broker_driver):
     assert post(ok, as_bob)[::2] == (200, {"status": "ok", "messageId": "m1", "seqNo": 2})
     status, _, data = post(b'{"topic": "t", "data": null}', as_alice)
     assert (status, data["status"], data["seqNo"]) == (200, "ok", 3) and data["messageId"]
+
+
+def test_head_demo_publish_does_not_publish(broker_driver):
+    """HEAD has no side effect: HEAD /demo/publish/{topic} is 405 (Allow: GET) and publishes nothing, while HEAD works on the pages."""
+    d = broker_driver()
+    app = app_of(d)
+    response = app.handle(make_request("HEAD", "/demo/publish/prices?k=v"))
+    assert response.status == 405 and ("Allow", "GET") in response.headers
+    assert d.stats()["published"] == 0
+    assert app.handle(make_request("HEAD", "/healthz")).status == 200

@@ -119,3 +119,33 @@ def test_check_topic_length_and_field_are_parameters():
     with pytest.raises(ms.ClientError) as info:
         ms.check_topic("abc", max_length=2, field="topics")
     assert (info.value.code, info.value.context["field"]) == ("INVALID_TOPIC", "topics")
+
+
+def test_topics_refuse_every_unicode_format_character():
+    """Every Unicode format character (category Cf: bidi overrides, zero-width spaces and joiners, tags) is refused in a topic, so look-alike topics cannot be made."""
+    import sys
+    import unicodedata
+
+    format_chars = [chr(cp) for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"]
+    assert len(format_chars) > 150  # the scan found them (a broken scan would pass vacuously)
+    accepted = [hex(ord(c)) for c in format_chars if _topic_ok(f"prices{c}btc")]
+    assert accepted == []
+
+
+def test_topics_keep_other_non_ascii_text_as_is():
+    """Letters of any script are allowed, and topics are not normalised: NFC and NFD spellings are two topics."""
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "prix.café")
+    nfd = unicodedata.normalize("NFD", "prix.café")
+    assert ms.check_topic(nfc) == nfc and ms.check_topic(nfd) == nfd and nfc != nfd
+    assert ms.check_topic("価格.東京") == "価格.東京"
+
+
+def _topic_ok(topic: str) -> bool:
+    try:
+        ms.check_topic(topic)
+    except ms.ClientError as exc:
+        assert exc.code == "INVALID_TOPIC", exc.code
+        return False
+    return True

@@ -236,3 +236,22 @@ def test_fuzz_websocket_connection_receive_data():
             assert parse_frames(out) and ms.parse_close(parse_frames(out)[-1].payload)[0] == close_sent
         else:  # the peer closed: its close frame is echoed
             assert close_code is not None and ms.Frame.parse(out)[0].opcode == ms.Opcode.CLOSE, seed
+
+
+def test_flood_of_empty_fragments_is_closed_1009():
+    """A message sent as thousands of empty continuation frames is failed with 1009 once past MAX_SMALL_FRAGMENTS, instead of costing a parse per frame for ever."""
+    ws = ms.WebSocketConnection()
+    data = masked(ms.Opcode.TEXT, b"x", fin=False) + masked(ms.Opcode.CONT, b"", fin=False) * (ms.MAX_SMALL_FRAGMENTS + 5)
+    assert ws.receive_data(data) == []
+    assert ws.state == ms.CLOSED and ws.close_sent == ms.CloseCode.MESSAGE_TOO_BIG
+
+
+def test_many_fragments_of_a_fair_size_are_fine():
+    """Fragments averaging MIN_FRAGMENT_AVERAGE bytes or more may be as many as the size limit allows (Autobahn 9.3: 64-byte fragments)."""
+    size = ms.MIN_FRAGMENT_AVERAGE * 2
+    count = 4 * ms.MAX_SMALL_FRAGMENTS
+    ws = ms.WebSocketConnection(max_message_size=size * (count + 1))
+    data = masked(ms.Opcode.TEXT, b"a" * size, fin=False) + masked(ms.Opcode.CONT, b"b" * size, fin=False) * (count - 1)
+    data += masked(ms.Opcode.CONT, b"c" * size, fin=True)
+    ((opcode, text),) = ws.receive_data(data)
+    assert opcode == ms.Opcode.TEXT and len(text) == size * (count + 1) and ws.state == ms.OPEN
