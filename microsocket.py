@@ -132,6 +132,7 @@ MAX_SESSIONS = 100_000  # detached sessions kept; the oldest is dropped first
 PUBLISH_RATE = 1000.0  # publishes per second per connection, token bucket (RATE_LIMITED); 0 = no limit
 PUBLISH_BURST = 2000  # the bucket's size: a burst allowed on top of the rate
 SHUTDOWN_GRACE = 5.0  # seconds for closing handshakes on SIGINT/SIGTERM before connections are dropped
+MAX_HTTP_UNSENT = 256 << 10  # unsent HTTP response bytes before a pipelining client's next request waits
 FD_RESERVE = 64  # file descriptors kept free of WebSocket connections: the listener, HTTP requests, logs
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds connect at once
 
@@ -3135,7 +3136,10 @@ TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout abov
 
 
 class ServerConnection(Client, asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent", "answering")
+    __slots__ = (
+        "server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent",
+        "answering", "backlogged",
+    )
 
     def __init__(self, server: Server) -> None:
         Client.__init__(self, server.broker)
@@ -3150,6 +3154,7 @@ class ServerConnection(Client, asyncio.Protocol):
         self.idle_since = 0.0
         self.ping_sent = 0.0  # when our keepalive ping went out; 0 when none is outstanding
         self.answering = False  # an HTTP response is pending: later requests wait for it
+        self.backlogged = False  # HTTP responses unsent past MAX_HTTP_UNSENT: later requests wait for the client to read
 
     # -- asyncio callbacks
 
@@ -3182,7 +3187,7 @@ class ServerConnection(Client, asyncio.Protocol):
     def _http_data(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
-        while self.reader is not None and not self.lost and not self.answering:
+        while self.reader is not None and not self.lost and not self.answering and not self.backlogged:
             try:
                 request = reader.next_request()
             except HTTPError as exc:
@@ -3204,6 +3209,20 @@ class ServerConnection(Client, asyncio.Protocol):
                 continue
             self.deadline = self.server.clock() + self.server.config.handshake_timeout
             self._respond(result, request.keep_alive, request.method == "HEAD")
+            if self.reader is not None and self.transport.get_write_buffer_size() > MAX_HTTP_UNSENT:
+                # A client that pipelines requests and does not read their answers is answered as
+                # it reads: the rest waits (and the socket is not read) until resume_writing.
+                self.backlogged = True
+                self.transport.pause_reading()
+                return
+
+    def resume_writing(self) -> None:
+        """asyncio: the unsent data drained below the low-water mark. Go on with waiting requests."""
+        if self.backlogged and not self.lost and self.reader is not None:
+            self.backlogged = False
+            if not self.answering:
+                self.transport.resume_reading()
+                self._http_data(b"")
 
     def _answered(self, response: Response, request: Request) -> None:
         """A pending response is ready: write it, then go on with requests that came after it."""
@@ -3212,7 +3231,7 @@ class ServerConnection(Client, asyncio.Protocol):
             return
         self.deadline = self.server.clock() + self.server.config.handshake_timeout
         self._respond(response, request.keep_alive, request.method == "HEAD")
-        if self.reader is not None:
+        if self.reader is not None and not self.backlogged:
             self.transport.resume_reading()
             self._http_data(b"")
 

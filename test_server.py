@@ -972,3 +972,28 @@ def test_clients_killed_mid_frame_and_mid_handshake_leave_no_state(server_factor
         again.send_json({"type": "resume", "sessionId": sessions[0]})
         replies = [again.recv_json(), again.recv_json()]
         assert [r["type"] for r in replies] == ["message", "resumed"] and replies[0]["data"] == "to nobody"
+
+
+def test_pipelined_requests_of_a_client_that_does_not_read_are_answered_as_it_reads(server_factory):
+    """20,000 pipelined GET /docs from a client that never reads do not queue 1 GB of answers: the
+    server stops at MAX_HTTP_UNSENT unsent (plus one answer), and serves the rest as the client reads."""
+    server = server_factory()
+    request = b"GET /docs HTTP/1.1\r\nHost: x\r\n\r\n"
+    page = len(http_request(server.url("/docs")).body)
+    with RawClient(server.port, rcvbuf=4096) as c:
+        c.sock.setblocking(False)
+        sent = 0
+        try:
+            for _ in range(20_000):
+                c.sock.send(request)
+                sent += 1
+        except BlockingIOError:
+            pass  # the server stopped reading: TCP pushes back on the client
+        c.sock.settimeout(5)
+        server.sync()
+        unsent = server.call(lambda: max(conn.transport.get_write_buffer_size() for conn in server.server.connections))
+        assert unsent <= ms.MAX_HTTP_UNSENT + page + 4096, unsent
+        assert sent < 20_000 or unsent < 10 * (ms.MAX_HTTP_UNSENT + page)
+        # Reading drains it, and the server goes on answering in order.
+        for _ in range(20):
+            assert c.http(b"").status == 200
