@@ -122,6 +122,7 @@ DEDUP_TOTAL = 1_000_000  # remembered messageIds in all; about 150 bytes each
 HISTORY_MESSAGES = 1000  # retained messages per topic, for replay
 HISTORY_AGE = 300.0  # seconds a message stays in history
 HISTORY_BYTES = 64 << 20  # retained message bytes across all topics
+MAX_TOPICS = 100_000  # sequenced topics (a counter, an epoch, maybe history); past it the least recently used idle one is forgotten early
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame before dropping TCP
 HANDSHAKE_TIMEOUT = 10.0  # seconds to send a complete request head (slowloris), or idle keep-alive
 SETUP_TIMEOUT = 10.0  # seconds from the 101 to a successful setup (close 4000)
@@ -1282,6 +1283,13 @@ class History:
             if entries[0][1] > horizon and self.bytes <= self.max_bytes:
                 break
             self._drop_oldest(topic)
+
+    def forget(self, topic: str) -> None:
+        """Drop everything retained of `topic` (its arrival-order entries go when they reach the front)."""
+        entries = self._topics.pop(topic, None)
+        if entries:
+            self.bytes -= sum(len(frame) for _, _, frame in entries)
+            self.count -= len(entries)
 
     def _drop_oldest(self, topic: str) -> None:
         entries = self._topics[topic]
@@ -2533,6 +2541,10 @@ class MemoryBackbone:
         """The topic's epoch, its counter created at 0 if it has none; a use that keeps it from idling."""
         epoch = self._epochs.get(topic)
         if epoch is None:
+            if len(self._seq) >= self.config.max_topics and self._idle:
+                # The least recently used topic nobody receives is forgotten early (with what
+                # history holds of it): its next use starts a new epoch, so nobody is misled.
+                self._forget(next(iter(self._idle)))
             # Unique in this process (a counter) and across its restarts (the process's epoch).
             epoch = self._epochs[topic] = f"{self.epoch}.{next(self._new_epoch):x}"
             self._seq[topic] = 0
@@ -2680,11 +2692,17 @@ class MemoryBackbone:
             topic, since = next(iter(idle.items()))
             if since > horizon:
                 break
-            del idle[topic]
             if self.retained.oldest(topic) is None:
-                del self._seq[topic], self._epochs[topic]
+                self._forget(topic)
             else:  # still retained (history_age was raised?): look again later
+                del idle[topic]
                 idle[topic] = now
+
+    def _forget(self, topic: str) -> None:
+        """Forget a topic's counter, epoch and history; it is not received here (idle)."""
+        self._idle.pop(topic, None)
+        self.retained.forget(topic)
+        del self._seq[topic], self._epochs[topic]
 
     def stats(self) -> dict:
         return {
@@ -3021,6 +3039,7 @@ def protocol_limits(config: Config) -> dict:
         "dedupPerUser": config.dedup_per_user,
         "dedupTotal": config.dedup_total,
         "historyBytes": config.history_bytes,
+        "maxTopics": config.max_topics,
         "handshakeTimeout": config.handshake_timeout,
         "closeTimeout": config.close_timeout,
         "publishRate": config.publish_rate,
@@ -3528,6 +3547,7 @@ class Config:
     history_messages: int = HISTORY_MESSAGES
     history_age: float = HISTORY_AGE
     history_bytes: int = HISTORY_BYTES
+    max_topics: int = MAX_TOPICS
     close_timeout: float = CLOSE_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     setup_timeout: float = SETUP_TIMEOUT
@@ -3574,6 +3594,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--history-messages", "history_messages", int, "messages kept per topic for replay (0 turns history off)"),
     ("--history-age", "history_age", float, "seconds a message is kept for replay"),
     ("--history-bytes", "history_bytes", int, "bytes of messages kept for replay across all topics"),
+    ("--max-topics", "max_topics", int, "sequenced topics kept; past it the least recently used idle one is forgotten early (its next use starts a new epoch)"),
     ("--close-timeout", "close_timeout", float, "seconds to wait for the peer's close frame"),
     ("--handshake-timeout", "handshake_timeout", float, "seconds to send a complete HTTP request head; past it: TCP closed"),
     ("--setup-timeout", "setup_timeout", float, "seconds from connect to setup; past it: close 4000"),

@@ -392,3 +392,36 @@ def test_requests_after_a_running_resume_wait_for_it(broker_driver):
     out = d.take(b)
     assert [(m["type"], m.get("id")) for m in out] == [("resumed", "r"), ("subscribed", "s"), ("pong", "p")]
     assert paused == ([True, False] if deferred else [])
+
+
+def test_topics_past_the_bound_forget_the_least_recently_used_idle_one(broker_driver):
+    """Past max_topics, creating a topic forgets the least recently used topic nobody receives,
+    history included; its next use starts again at 1 under a new epoch, while used topics keep theirs."""
+    d = broker_driver(max_topics=3)
+    a = d.connect("alice")
+    for topic in ("t0", "t1", "t2"):
+        d.server_publish(topic)
+    d.send(a, {"type": "replay", "topic": "t0", "fromSeq": 1})
+    e1 = d.send(a, {"type": "replay", "topic": "t1", "fromSeq": 1})[-1]["epoch"]  # uses: t2 is now the oldest idle one
+    d.server_publish("t3")
+    assert d.stats()["sequenced_topics"] == 3
+    again = d.send(a, {"type": "replay", "topic": "t1", "fromSeq": 1})
+    assert seqs_of(again) == [1] and again[-1]["epoch"] == e1  # kept
+    gone = d.send(a, {"type": "replay", "topic": "t2", "fromSeq": 1})
+    assert seqs_of(gone) == [] and gone[-1]["toSeq"] == 0  # forgotten, history too: a new counter at 0
+    assert d.stats()["sequenced_topics"] == 3
+
+
+def test_topics_with_subscribers_are_never_forgotten_for_the_bound(broker_driver):
+    """A topic this process receives keeps its counter and epoch however many other topics come and go."""
+    d = broker_driver(max_topics=2)
+    a = d.connect("alice")
+    first = d.one(a, {"type": "subscribe", "topic": "kept"})
+    d.server_publish("kept")
+    for k in range(10):
+        d.server_publish(f"passing-{k}")
+    d.server_publish("kept")
+    assert seqs_of(d.take(a)) == [1, 2]
+    b = d.connect("bob")
+    assert d.one(b, {"type": "subscribe", "topic": "kept"})["epoch"] == first["epoch"]
+    assert d.stats()["sequenced_topics"] <= 2
