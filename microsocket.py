@@ -121,7 +121,10 @@ DEDUP_PER_USER = 100_000  # remembered messageIds per user; the oldest is forgot
 DEDUP_TOTAL = 1_000_000  # remembered messageIds in all; about 150 bytes each
 HISTORY_MESSAGES = 1000  # retained messages per topic, for replay
 HISTORY_AGE = 300.0  # seconds a message stays in history
-HISTORY_BYTES = 64 << 20  # retained message bytes across all topics
+HISTORY_BYTES = 64 << 20  # retained message bytes across all topics, each counted with HISTORY_ENTRY_COST
+# What one retained message costs besides its frame: its (seqNo, time, frame) entry, the (topic,
+# seqNo) entry of the arrival order, an int and a float (measured with sys.getsizeof on CPython 3.11).
+HISTORY_ENTRY_COST = 192
 MAX_TOPICS = 100_000  # sequenced topics (a counter, an epoch, maybe history); past it the least recently used idle one is forgotten early
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame before dropping TCP
 HANDSHAKE_TIMEOUT = 10.0  # seconds to send a complete request head (slowloris), or idle keep-alive
@@ -1255,7 +1258,7 @@ class History:
             entries = self._topics[topic] = collections.deque()
         entries.append((seq, now, frame))
         self._order.append((topic, seq))
-        self.bytes += len(frame)
+        self.bytes += self.cost(frame)
         self.count += 1
         if len(entries) > self.max_messages:
             self._drop_oldest(topic)
@@ -1284,17 +1287,22 @@ class History:
                 break
             self._drop_oldest(topic)
 
+    @staticmethod
+    def cost(frame: bytes) -> int:
+        """The memory one retained message takes: its frame and its entries (what max_bytes bounds)."""
+        return len(frame) + HISTORY_ENTRY_COST
+
     def forget(self, topic: str) -> None:
         """Drop everything retained of `topic` (its arrival-order entries go when they reach the front)."""
         entries = self._topics.pop(topic, None)
         if entries:
-            self.bytes -= sum(len(frame) for _, _, frame in entries)
+            self.bytes -= sum(self.cost(frame) for _, _, frame in entries)
             self.count -= len(entries)
 
     def _drop_oldest(self, topic: str) -> None:
         entries = self._topics[topic]
         _, _, frame = entries.popleft()
-        self.bytes -= len(frame)
+        self.bytes -= self.cost(frame)
         self.count -= 1
         if not entries:
             del self._topics[topic]

@@ -237,7 +237,7 @@ def test_history_count_bound_per_topic():
     assert h.between("a", 1) == [_frame("a", s) for s in (3, 4, 5)]
     assert h.between("b", 1) == [_frame("b", 1)]
     assert h.count == 4
-    assert h.bytes == sum(len(_frame("a", s)) for s in (3, 4, 5)) + len(_frame("b", 1))
+    assert h.bytes == sum(ms.History.cost(_frame("a", s)) for s in (3, 4, 5)) + ms.History.cost(_frame("b", 1))
 
 
 def test_history_age_bound():
@@ -257,24 +257,26 @@ def test_history_age_bound():
     h.add("c", 1, _frame("c", 1))  # an add expires too
     assert h.oldest("a") is None and h.oldest("b") is None
     assert h.between("a", 1) == []
-    assert (h.count, h.bytes) == (1, len(_frame("c", 1)))
+    assert (h.count, h.bytes) == (1, ms.History.cost(_frame("c", 1)))
 
 
 def test_history_byte_bound_evicts_globally_oldest():
-    """Over max_bytes in total, the oldest message across all topics goes first."""
-    h = ms.History(max_messages=100, max_age=1e9, max_bytes=30, clock=FakeClock())
+    """Over max_bytes in total (frames and what each entry costs), the oldest message across all topics goes first."""
+    one = ms.History.cost(_frame("a", 1, 10))  # a 10-byte frame and its entries
+    h = ms.History(max_messages=100, max_age=1e9, max_bytes=3 * one, clock=FakeClock())
     h.add("a", 1, _frame("a", 1, 10))
     h.add("b", 1, _frame("b", 1, 10))
     h.add("a", 2, _frame("a", 2, 10))
-    assert h.bytes == 30 and h.count == 3
+    assert h.bytes == 3 * one and h.count == 3
     h.add("b", 2, _frame("b", 2, 10))
     assert (h.oldest("a"), h.oldest("b")) == (2, 1)
     h.add("c", 1, _frame("c", 1, 10))
     assert (h.oldest("a"), h.oldest("b"), h.oldest("c")) == (2, 2, 1)
-    assert h.bytes == 30
-    h.add("c", 2, _frame("c", 2, 25))
-    assert h.bytes <= 30
-    assert h.between("c", 1) == [_frame("c", 2, 25)]
+    assert h.bytes == 3 * one
+    big = _frame("c", 2, 2 * one)  # fits the bound only alone
+    h.add("c", 2, big)
+    assert h.bytes <= 3 * one
+    assert h.between("c", 1) == [big]
     assert h.oldest("a") is None and h.oldest("b") is None
 
 
