@@ -1682,9 +1682,20 @@ class Client:
     def pause_input(self, paused: bool) -> None:
         """Stop (True) or restart (False) reading requests; the I/O layer pauses the socket."""
 
+    def backlog(self) -> int:
+        """Bytes queued for this connection and not yet taken by its reader (the I/O layer adds
+        what its socket has not sent)."""
+        return sum(map(len, self.out)) + self.held_bytes
+
 
 def _topic_locked(client: Client, **context: Any) -> ClientError:
     return ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", **context)
+
+
+# Requests whose answer can be far larger than the request (a replay of a topic's whole history):
+# they wait while the connection's unread output is over its buffer limit, so one client cannot
+# make the server buffer the same history many times over (backpressure instead of amplification).
+AMPLIFYING = frozenset(("replay", "resume", "presence"))
 
 
 def _error_frame(exc: ClientError, msg_id: Any) -> bytes:
@@ -1954,8 +1965,8 @@ class Broker:
             msg = decode_client_message(text)
             msg_id = msg.get("id")
             kind = msg["type"]
-            if client.inbox is not None or (kind == "resume" and client.pending()):
-                self._wait(client, msg)  # behind a resume, or a resume behind unanswered requests
+            if client.inbox is not None or (kind in AMPLIFYING and self._must_wait(client, kind)):
+                self._wait(client, msg)  # behind others, behind unanswered requests, or behind unread output
                 return
             if client.user_id is None and kind not in ("setup", "ping"):
                 raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
@@ -1974,6 +1985,14 @@ class Broker:
             raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
         self._handlers[msg["type"]](client, msg)
 
+    def _must_wait(self, client: Client, kind: str) -> bool:
+        """A resume waits for the answers before it; a request that can answer with far more than
+        it asked waits while the connection's unread output is over the buffer limit."""
+        if kind not in AMPLIFYING:
+            return False
+        # One at a time: the size of an answer not given yet is not known, so it waits for it first.
+        return client.pending() or client.backlog() > self.config.max_buffer
+
     def _wait(self, client: Client, msg: dict) -> None:
         if client.inbox is None:
             client.inbox = collections.deque()
@@ -1985,7 +2004,7 @@ class Broker:
         inbox = client.inbox
         while inbox and client.broker is self:
             msg = inbox[0]
-            if msg["type"] == "resume" and client.pending():
+            if self._must_wait(client, msg["type"]):
                 return
             inbox.popleft()
             self._slot = None
@@ -3249,6 +3268,8 @@ class ServerConnection(Client, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         """asyncio: the unsent data drained below the low-water mark. Go on with waiting requests."""
+        if self.inbox is not None and self.broker is not None and not self.lost:
+            self.broker.run_inbox(self)  # WebSocket requests that waited for the client to read
         if self.backlogged and not self.lost and self.reader is not None:
             self.backlogged = False
             if not self.answering:
@@ -3306,8 +3327,11 @@ class ServerConnection(Client, asyncio.Protocol):
         if ws.state != OPEN:
             self._finish(ws.data_to_send())
 
+    def backlog(self) -> int:
+        return Client.backlog(self) + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+
     def pause_input(self, paused: bool) -> None:
-        """The broker holds this connection's requests while a resume runs: stop reading meanwhile."""
+        """The broker holds this connection's requests (a resume runs, or its output is unread): stop reading meanwhile."""
         if self.lost or self.transport is None:
             return
         if paused:
@@ -3366,6 +3390,10 @@ class ServerConnection(Client, asyncio.Protocol):
             # The buffer drains in order, so the replayed bytes still unsent are at most what is
             # unsent now: the credit shrinks as the client reads.
             self.replay_credit = min(self.replay_credit, transport.get_write_buffer_size())
+        if self.inbox is not None and self.held is None:
+            # Requests that waited for this output to be written: the socket took it (or
+            # resume_writing will say when it has drained).
+            self.broker.run_inbox(self)
 
     def tick(self, now: float) -> None:
         """Apply the timeouts (called once per TICK, with the server's clock)."""

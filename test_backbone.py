@@ -425,3 +425,33 @@ def test_topics_with_subscribers_are_never_forgotten_for_the_bound(broker_driver
     b = d.connect("bob")
     assert d.one(b, {"type": "subscribe", "topic": "kept"})["epoch"] == first["epoch"]
     assert d.stats()["sequenced_topics"] <= 2
+
+
+def test_replays_wait_while_the_connection_has_not_read_the_last_one(broker_driver):
+    """A replay (or resume, or presence) waits while the connection's unread output is over max_buffer,
+    with its input paused: one client asking for the same history again and again holds one copy, not many."""
+    d = broker_driver(max_buffer=2000)
+    paused: list[bool] = []
+
+    class Recording(ms.Client):
+        __slots__ = ()
+
+        def pause_input(self, on: bool) -> None:
+            paused.append(on)
+
+    a = Recording(d.broker)
+    d.broker.connect(a)
+    d.send(a, {"type": "setup", "token": "alice"})
+    d.server_publish("t", 3, size=1000)  # about 3 KB of history
+    for k in range(3):
+        d.broker.handle(a, json.dumps({"type": "replay", "topic": "t", "fromSeq": 1, "id": k}))
+    d.settle()
+    assert a.backlog() > 3000 and paused == [True]  # the first is answered; the next two wait
+    first = d.take(a)
+    assert [m.get("id") for m in first if m["type"] == "replayed"] == [0]
+    d.broker.run_inbox(a)  # what the I/O layer does once the socket has drained
+    second = d.take(a)
+    assert [m.get("id") for m in second if m["type"] == "replayed"] == [1] and seqs_of(second) == [1, 2, 3]
+    d.broker.run_inbox(a)
+    third = d.take(a)
+    assert [m.get("id") for m in third if m["type"] == "replayed"] == [2] and paused == [True, False]

@@ -997,3 +997,24 @@ def test_pipelined_requests_of_a_client_that_does_not_read_are_answered_as_it_re
         # Reading drains it, and the server goes on answering in order.
         for _ in range(20):
             assert c.http(b"").status == 200
+
+
+def test_repeated_replays_from_a_client_that_does_not_read_hold_one_copy(server_factory):
+    """24 replays of a 2 MB history in one segment, never read: the server queues about one replay
+    (not 24), and the client gets all 24, in order, once it reads."""
+    server = server_factory(max_buffer=256 << 10, history_bytes=64 << 20, publish_rate=0)
+    for k in range(200):
+        server.publish("t", "x" * 10_000)
+    with RawClient(server.port, rcvbuf=4096, timeout=20) as c:
+        c.handshake()
+        c.setup()
+        c.send(b"".join(masked(ms.Opcode.TEXT, json.dumps({"type": "replay", "topic": "t", "fromSeq": 1, "id": k}).encode(), mask=os.urandom(4)) for k in range(24)))
+        server.sync()
+        queued = server.call(lambda: max(conn.backlog() for conn in server.server.connections))
+        assert queued < 2 * 2_100_000, queued  # one replay's worth (2 MB), not 24 (48 MB)
+        replayed = []
+        while len(replayed) < 24:
+            msg = c.recv_json()
+            if msg["type"] == "replayed":
+                replayed.append(msg["id"])
+        assert replayed == list(range(24))
