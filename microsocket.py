@@ -133,6 +133,7 @@ PING_INTERVAL = 20.0  # seconds of silence before the server pings (0 turns keep
 PING_TIMEOUT = 20.0  # seconds to answer that ping with anything at all (close 1011)
 SESSION_TTL = 120.0  # seconds a session outlives its connection, for resume
 MAX_SESSIONS = 100_000  # detached sessions kept; the oldest is dropped first
+MAX_SESSION_TOPICS = 1_000_000  # topic positions kept by detached sessions in all (~300 bytes each); the oldest session goes first
 PUBLISH_RATE = 1000.0  # publishes per second per connection, token bucket (RATE_LIMITED); 0 = no limit
 PUBLISH_BURST = 2000  # the bucket's size: a burst allowed on top of the rate
 SHUTDOWN_GRACE = 5.0  # seconds for closing handshakes on SIGINT/SIGTERM before connections are dropped
@@ -2558,6 +2559,7 @@ class MemoryBackbone:
         self._positions: dict[str, dict[str, tuple]] = {}
         self._holders: dict[str, Any] = {}
         self._detached: collections.OrderedDict = collections.OrderedDict()
+        self._kept = 0  # topic positions the detached sessions keep, in all (bounded by max_session_topics)
         self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
         self._subscribed: dict[str, int] = {}  # topic -> connections (the sum of the above)
 
@@ -2640,8 +2642,10 @@ class MemoryBackbone:
         other = self._holders.get(session_id)
         if other is not None and other is not holder:
             self.broker.take_over(other)  # detaches it: its positions are saved first
+        if session_id in self._detached:  # attached again: its kept positions are live ones now
+            self._kept -= len(self._positions.get(session_id, ()))
+            del self._detached[session_id]
         self._holders[session_id] = holder
-        self._detached.pop(session_id, None)
         done(self._session(session_id))
 
     def track(self, session_id: str, topic: str, position: Position | None) -> None:
@@ -2652,13 +2656,20 @@ class MemoryBackbone:
             return  # taken over already: the new holder's positions count
         if positions:
             self._positions[session_id] = {topic: position.values() for topic, position in positions.items()}
+            self._kept += len(positions)
+        else:
+            self._positions.pop(session_id, None)
         del self._holders[session_id]
         self._detached[session_id] = now
         self._expire_sessions(now)
-        while len(self._detached) > self.config.max_sessions:
+        # Sessions are costed by what they hold: the oldest go while there are too many of them,
+        # or while they keep too many topic positions between them.
+        while len(self._detached) > self.config.max_sessions or self._kept > self.config.max_session_topics:
             self.drop_session(next(iter(self._detached)))
 
     def drop_session(self, session_id: str) -> None:
+        if session_id in self._detached:
+            self._kept -= len(self._positions.get(session_id, ()))
         for table in (self._users, self._positions, self._holders, self._detached):
             table.pop(session_id, None)
 
@@ -3063,6 +3074,7 @@ def protocol_limits(config: Config) -> dict:
         "maxHeadSize": config.max_head_size,
         "maxBodySize": config.max_body_size,
         "maxSessions": config.max_sessions,
+        "maxSessionTopics": config.max_session_topics,
         "dedupPerUser": config.dedup_per_user,
         "dedupTotal": config.dedup_total,
         "historyBytes": config.history_bytes,
@@ -3591,6 +3603,7 @@ class Config:
     ping_timeout: float = PING_TIMEOUT
     session_ttl: float = SESSION_TTL
     max_sessions: int = MAX_SESSIONS
+    max_session_topics: int = MAX_SESSION_TOPICS
     publish_rate: float = PUBLISH_RATE
     publish_burst: int = PUBLISH_BURST
     shutdown_grace: float = SHUTDOWN_GRACE
@@ -3638,6 +3651,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--ping-timeout", "ping_timeout", float, "seconds to answer a keepalive ping; past it: close 1011"),
     ("--session-ttl", "session_ttl", float, "seconds a session outlives its connection, for resume"),
     ("--max-sessions", "max_sessions", int, "resumable sessions kept (oldest dropped first)"),
+    ("--max-session-topics", "max_session_topics", int, "topic positions kept by resumable sessions in all (oldest session dropped first)"),
     ("--publish-rate", "publish_rate", float, "publishes per second per connection (0: no limit); past it: RATE_LIMITED"),
     ("--publish-burst", "publish_burst", int, "publishes allowed in a burst on top of the rate"),
     ("--shutdown-grace", "shutdown_grace", float, "seconds for closing handshakes at shutdown"),

@@ -455,3 +455,18 @@ def test_replays_wait_while_the_connection_has_not_read_the_last_one(broker_driv
     d.broker.run_inbox(a)
     third = d.take(a)
     assert [m.get("id") for m in third if m["type"] == "replayed"] == [2] and paused == [True, False]
+
+
+def test_sessions_are_costed_by_the_topics_they_keep(broker_driver):
+    """Past max_session_topics positions kept by detached sessions in all, the oldest detached session
+    is dropped (its resume gets SESSION_EXPIRED) though max_sessions is far away; a newer one stays."""
+    d = broker_driver(max_session_topics=5, max_sessions=100, session_ttl=600)
+    old = d.connect("alice", topics=["a", "b", "c"])
+    new = d.connect("alice", topics=["d", "e", "f"])
+    ids = [d.ready(c)["sessionId"] for c in (old, new)]
+    d.disconnect(old)
+    d.disconnect(new)  # 6 positions kept: over 5, so the oldest session (3 of them) goes
+    assert d.stats()["sessions"] == 1
+    c = d.connect("alice")
+    assert_error(d.send(c, {"type": "resume", "sessionId": ids[0]})[-1], "SESSION_EXPIRED")
+    assert d.send(c, {"type": "resume", "sessionId": ids[1]})[-1]["type"] == "resumed"
