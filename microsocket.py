@@ -115,6 +115,7 @@ MAX_SUBSCRIPTIONS = 1000  # topics per connection (TOO_MANY_SUBSCRIPTIONS)
 MAX_TOPIC_LENGTH = 256  # characters in a topic (INVALID_TOPIC)
 MAX_MESSAGE_ID_LENGTH = 256  # characters in a messageId (INVALID_MESSAGE)
 MAX_CONNECTIONS = 100_000  # open WebSocket connections per process (HTTP 503 at the handshake)
+MAX_PENDING = 1024  # TCP connections not (yet) WebSocket: HTTP, handshakes; past it the oldest is closed
 MAX_BUFFER = 4 << 20  # 4 MiB of unsent data for one connection before it is a slow consumer (4001)
 DEDUP_WINDOW = 3600.0  # seconds an accepted messageId is remembered per user
 DEDUP_PER_USER = 100_000  # remembered messageIds per user; the oldest is forgotten first
@@ -3070,6 +3071,7 @@ def protocol_limits(config: Config) -> dict:
         "maxMessageIdLength": config.max_message_id_length,
         "maxSubscriptions": config.max_subscriptions,
         "maxConnections": config.max_connections,
+        "maxPending": config.max_pending,
         "maxBuffer": config.max_buffer,
         "maxHeadSize": config.max_head_size,
         "maxBodySize": config.max_body_size,
@@ -3222,11 +3224,22 @@ class ServerConnection(Client, asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.server.connections.add(self)
+        server = self.server
+        server.connections.add(self)
+        pending = server.pending
+        pending[self] = None
+        if len(pending) > server.config.max_pending:
+            # Bare TCP connections that never send a request must not use up the file
+            # descriptors: the one idle longest makes room, so fresh clients (and /healthz) get in.
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.transport.abort()
+            server.evicted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.server.connections.discard(self)
+        self.server.pending.pop(self, None)
         ws = self.ws
         if ws is not None:
             if self.broker is not None:
@@ -3306,6 +3319,7 @@ class ServerConnection(Client, asyncio.Protocol):
             self.transport.close()
 
     def _upgrade(self, upgrade: Upgrade, rest: bytes) -> None:
+        self.server.pending.pop(self, None)  # a WebSocket now: max_connections counts it
         self.reader = None
         self.transport.write(upgrade.response)
         self.ws = WebSocketConnection(self.server.config.max_message_size)
@@ -3449,6 +3463,8 @@ class Server:
         self.broker = Broker(self.config, self.backbone, self._schedule_flush, clock)
         self.app = App(self.config, self.broker)
         self.connections: set[ServerConnection] = set()
+        self.pending: collections.OrderedDict = collections.OrderedDict()  # not WebSocket (yet), oldest first
+        self.evicted = 0  # pending connections closed to make room since the last sweep (logged there)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -3519,6 +3535,10 @@ class Server:
         """Run the timer sweep now, at the server clock's time: timeouts, keepalive pings, and
         forgetting expired sessions, history and idle topics. The event loop calls it every TICK."""
         now = self.clock()
+        if self.evicted:
+            log.warning("closed %d connections that had not finished a request, to stay within max-pending %d",
+                        self.evicted, self.config.max_pending)
+            self.evicted = 0
         for conn in list(self.connections):
             try:
                 conn.tick(now)
@@ -3588,6 +3608,7 @@ class Config:
     max_topic_length: int = MAX_TOPIC_LENGTH
     max_message_id_length: int = MAX_MESSAGE_ID_LENGTH
     max_connections: int = MAX_CONNECTIONS
+    max_pending: int = MAX_PENDING
     max_buffer: int = MAX_BUFFER
     dedup_window: float = DEDUP_WINDOW
     dedup_per_user: int = DEDUP_PER_USER
@@ -3636,6 +3657,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-topic-length", "max_topic_length", int, "characters in a topic; over it: INVALID_TOPIC"),
     ("--max-message-id-length", "max_message_id_length", int, "characters in a messageId; over it: INVALID_MESSAGE"),
     ("--max-connections", "max_connections", int, "open WebSocket connections; over it: HTTP 503"),
+    ("--max-pending", "max_pending", int, "TCP connections that are not WebSocket (yet); over it the oldest is closed"),
     ("--max-buffer", "max_buffer", int, "unsent bytes per connection; over it: close 4001 (slow consumer)"),
     ("--dedup-window", "dedup_window", float, "seconds a messageId is remembered per user"),
     ("--dedup-per-user", "dedup_per_user", int, "messageIds remembered per user (oldest forgotten first)"),
@@ -3699,7 +3721,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def fit_open_file_limit(config: Config) -> Config:
-    """Raise the soft open-file limit to the hard one, and keep max_connections under it.
+    """Raise the soft open-file limit to the hard one, and keep max_connections (plus max_pending
+    and FD_RESERVE) under it.
 
     Past the limit, accept() fails with EMFILE: clients hang instead of getting a 503, and
     CPython's asyncio (before 3.13) then logs the failure in a tight loop. Connections over the
@@ -3715,7 +3738,14 @@ def fit_open_file_limit(config: Config) -> Config:
             soft = want
         except (ValueError, OSError):
             pass
-    usable = max(1, soft - FD_RESERVE)
+    budget = max(2, soft - FD_RESERVE)
+    # Pending (not yet WebSocket) connections get their share first: all they ask for when the
+    # limit is generous, a sixteenth of it (at least 16) when it is tight.
+    pending = min(config.max_pending, max(16, budget // 16))
+    if pending < config.max_pending:
+        log.info("max-pending %d is over what the open-file limit (%d) allows: using %d", config.max_pending, soft, pending)
+        config = dataclasses.replace(config, max_pending=pending)
+    usable = max(1, budget - pending)
     if config.max_connections > usable:
         # A warning when the operator asked for more; the default capped is only worth a note.
         level = logging.INFO if config.max_connections == MAX_CONNECTIONS else logging.WARNING
@@ -3726,6 +3756,32 @@ def fit_open_file_limit(config: Config) -> Config:
         )
         config = dataclasses.replace(config, max_connections=usable)
     return config
+
+
+ACCEPT_ERROR_INTERVAL = 10.0  # seconds between two log lines about failing accept() calls
+
+
+def quiet_accept_errors(clock: Callable[[], float] = time.monotonic) -> Callable[[Any, dict], None]:
+    """An event-loop exception handler that reports failing accept() calls (EMFILE: out of file
+    descriptors) once per ACCEPT_ERROR_INTERVAL with a count, instead of a traceback each; anything
+    else goes to the loop's default handler. Installed by main() only (it is the loop's, not ours)."""
+    failed = 0
+    logged = -ACCEPT_ERROR_INTERVAL
+
+    def handler(loop: Any, context: dict) -> None:
+        nonlocal failed, logged
+        if not context.get("message", "").startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        failed += 1
+        now = clock()
+        if now - logged >= ACCEPT_ERROR_INTERVAL:
+            log.error("accept() failed %d time(s) since the last report (%s): raise `ulimit -n` or lower --max-connections/--max-pending",
+                      failed, context.get("exception"))
+            failed = 0
+            logged = now
+
+    return handler
 
 
 def _usage_error(message: str) -> int:
@@ -3749,6 +3805,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(quiet_accept_errors())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await Server(config).serve_forever(stop)

@@ -1018,3 +1018,35 @@ def test_repeated_replays_from_a_client_that_does_not_read_hold_one_copy(server_
             if msg["type"] == "replayed":
                 replayed.append(msg["id"])
         assert replayed == list(range(24))
+
+
+def test_bare_tcp_connections_past_max_pending_make_room_for_new_ones(server_factory):
+    """Connections that never send a request are bounded by max_pending: past it the one idle longest
+    is closed at once, so a fresh client (here /healthz) is still served; WebSocket connections do not count."""
+    server = server_factory(max_pending=3)
+    with RawClient(server.port) as ws:
+        ws.handshake()  # a WebSocket: not pending any more
+        bare = [RawClient(server.port) for _ in range(5)]
+        try:
+            server.sync()
+            wait_until(lambda: server.call(lambda: len(server.server.pending)) == 3, what="the pending set to shrink")
+            assert [c.at_eof() for c in bare[:2]] == [True, True]  # the two oldest were closed
+            assert http_request(server.url("/healthz")).status == 200  # room for a fresh one
+            assert ws.setup()["type"] == "ready"
+        finally:
+            for c in bare:
+                c.close()
+
+
+def test_accept_errors_are_logged_once_per_interval_with_a_count(caplog):
+    """A storm of failing accept() calls (EMFILE) is one log line per interval with a count, not a traceback each."""
+    clock = FakeClock()
+    handler = ms.quiet_accept_errors(clock)
+    context = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
+    with caplog.at_level(logging.ERROR, logger="microsocket"):
+        for _ in range(50_000):
+            handler(None, context)
+        clock.advance(ms.ACCEPT_ERROR_INTERVAL)
+        handler(None, context)
+    lines = [r.getMessage() for r in caplog.records if "accept() failed" in r.getMessage()]
+    assert len(lines) == 2 and "failed 1 time" in lines[0] and "failed 50000 time" in lines[1]
