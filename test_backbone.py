@@ -366,6 +366,24 @@ def test_timers_follow_the_injected_clock(server_factory):
         assert c.recv_close() == ms.CloseCode.SETUP_TIMEOUT
 
 
+class _Recording(ms.Client):
+    """A client that records when the broker pauses and restarts its input."""
+
+    __slots__ = ("paused",)
+
+    def pause_input(self, on: bool) -> None:
+        self.paused.append(on)
+
+
+def recording_client(d) -> tuple[ms.Client, list[bool]]:
+    """A connected client set up as alice, and the list its pause_input calls go to."""
+    client = _Recording(d.broker)
+    client.paused = []
+    d.broker.connect(client)
+    d.send(client, {"type": "setup", "token": "alice"})
+    return client, client.paused
+
+
 def test_requests_after_a_running_resume_wait_for_it(broker_driver):
     """While a resume waits for the backbone, the connection's input is paused and later requests
     are held; they run, in order, once `resumed` is sent, and input resumes."""
@@ -373,17 +391,7 @@ def test_requests_after_a_running_resume_wait_for_it(broker_driver):
     a = d.connect("alice", topics=["t"])
     session = d.ready(a)["sessionId"]
     d.disconnect(a)
-    paused: list[bool] = []
-
-    class Recording(ms.Client):
-        __slots__ = ()
-
-        def pause_input(self, on: bool) -> None:
-            paused.append(on)
-
-    b = Recording(d.broker)
-    d.broker.connect(b)
-    d.send(b, {"type": "setup", "token": "alice"})
+    b, paused = recording_client(d)
     d.broker.handle(b, json.dumps({"type": "resume", "sessionId": session, "id": "r"}))
     d.broker.handle(b, json.dumps({"type": "subscribe", "topic": "u", "id": "s"}))
     d.broker.handle(b, json.dumps({"type": "ping", "id": "p"}))
@@ -431,17 +439,7 @@ def test_replays_wait_while_the_connection_has_not_read_the_last_one(broker_driv
     """A replay (or resume, or presence) waits while the connection's unread output is over max_buffer,
     with its input paused: one client asking for the same history again and again holds one copy, not many."""
     d = broker_driver(max_buffer=2000)
-    paused: list[bool] = []
-
-    class Recording(ms.Client):
-        __slots__ = ()
-
-        def pause_input(self, on: bool) -> None:
-            paused.append(on)
-
-    a = Recording(d.broker)
-    d.broker.connect(a)
-    d.send(a, {"type": "setup", "token": "alice"})
+    a, paused = recording_client(d)
     d.server_publish("t", 3, size=1000)  # about 3 KB of history
     for k in range(3):
         d.broker.handle(a, json.dumps({"type": "replay", "topic": "t", "fromSeq": 1, "id": k}))
