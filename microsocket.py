@@ -117,6 +117,11 @@ MAX_MESSAGE_ID_LENGTH = 256  # characters in a messageId (INVALID_MESSAGE)
 MAX_CONNECTIONS = 100_000  # open WebSocket connections per process (HTTP 503 at the handshake)
 MAX_PENDING = 1024  # TCP connections not (yet) WebSocket: HTTP, handshakes; past it the oldest is closed
 MAX_BUFFER = 4 << 20  # 4 MiB of unsent data for one connection before it is a slow consumer (4001)
+# What the server holds on behalf of all clients together: unfinished inbound messages and HTTP
+# requests, unsent output. Checked once a second; past it the largest holders are closed (4001 for
+# output, 1013 for an unfinished message). 512 MiB: 128 connections at their full max_buffer.
+MAX_BUFFERED = 512 << 20
+WRITE_CHUNK = 256 << 10  # a batch of output larger than this goes to the socket in pieces, as it drains
 DEDUP_WINDOW = 3600.0  # seconds an accepted messageId is remembered per user
 DEDUP_PER_USER = 100_000  # remembered messageIds per user; the oldest is forgotten first
 DEDUP_TOTAL = 1_000_000  # remembered messageIds in all; about 150 bytes each
@@ -148,6 +153,10 @@ LISTEN_BACKLOG = 1024  # asyncio's default of 100 drops SYNs when hundreds conne
 # forever; 64-byte fragments (the smallest Autobahn|Testsuite sends, up to 4 MiB) stay allowed.
 MAX_SMALL_FRAGMENTS = 1024
 MIN_FRAGMENT_AVERAGE = 32
+
+# Frames one connection's input may have parsed per event-loop turn; the rest waits for the next
+# turn, after every other connection's (section 6). 64 small publishes are about 1 ms of work.
+FRAMES_PER_TURN = 64
 
 # RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
 MAX_CONTROL_PAYLOAD = 125
@@ -702,6 +711,11 @@ def handshake_response(key: str, subprotocol: str | None = None) -> bytes:
 # at the fragment, even the TCP segment, where it breaks. The size limit is checked against each
 # frame header before its payload is buffered (1009). Every ProtocolError is caught in one place,
 # `receive_data`, and becomes a close frame with its code.
+#
+# Fairness: one call parses at most FRAMES_PER_TURN frames. What is left stays in the buffer and
+# `more` says so; the I/O layer stops reading the socket and calls `receive_data(b"")` again in a
+# later event-loop turn, after the other connections had theirs. A client that floods small
+# publishes or empty frames delays others by one slice of its input, not by all of it.
 
 OPEN, CLOSING, CLOSED = "OPEN", "CLOSING", "CLOSED"
 
@@ -718,6 +732,8 @@ class WebSocketConnection:
         "close_reason",
         "close_sent",
         "_buffer",
+        "_start",
+        "more",
         "_header",
         "_remaining",
         "_offset",
@@ -735,7 +751,9 @@ class WebSocketConnection:
         self.close_code: int | None = None  # the code received from the peer, once it has closed
         self.close_reason = ""
         self.close_sent: int | None = None  # the code of the close frame we started the handshake with
-        self._buffer = b""  # unparsed input
+        self._buffer = b""  # input, parsed up to _start
+        self._start = 0
+        self.more = False  # frames were left in the buffer for the next call (FRAMES_PER_TURN)
         self._header: FrameHeader | None = None  # the data frame whose payload is arriving
         self._remaining = 0  # payload bytes of that frame still to come
         self._offset = 0  # payload bytes of that frame already unmasked (the mask's phase)
@@ -753,23 +771,33 @@ class WebSocketConnection:
         if self.state == CLOSED:
             return []
         messages: list[tuple[int, Any]] = []
-        self._buffer = self._buffer + data if self._buffer else data
+        if data:
+            self._buffer = self._buffer[self._start :] + data if self._buffer else data
+            self._start = 0
         try:
             self._parse(messages)
         except ProtocolError as exc:
             self.close(exc.code, exc.reason)
             self.state = CLOSED  # §7.1.7: after a failure nothing more is read
             self._buffer = b""
+            self._start = 0
+            self.more = False
             self._end_message()
         return messages
 
     def _parse(self, messages: list[tuple[int, Any]]) -> None:
         buf = self._buffer
-        pos = 0
+        pos = self._start
         end = len(buf)
+        frames = FRAMES_PER_TURN
+        self.more = False
         while self.state != CLOSED:
             header = self._header
             if header is None:
+                if not frames:
+                    self.more = pos < end  # the rest waits for the next call
+                    break
+                frames -= 1
                 header = parse_header(buf, pos, self.max_message_size)
                 if header is None:
                     break
@@ -805,7 +833,11 @@ class WebSocketConnection:
                     self._header = None
                     continue
             break
-        self._buffer = buf[pos:] if pos < end else b""
+        if pos < end:
+            self._start = pos  # kept by offset: a slice per call would copy the rest again each time
+        else:
+            self._buffer = b""
+            self._start = 0
 
     def _start_frame(self, header: FrameHeader) -> None:
         if header.opcode == Opcode.CONT:
@@ -884,6 +916,10 @@ class WebSocketConnection:
             self.state = CLOSED
             self._end_message()
         # A pong needs nothing: any input at all counts as a sign of life (section 15).
+
+    def buffered(self) -> int:
+        """Bytes of input held: unparsed, and the open message so far (as its frame headers declared)."""
+        return len(self._buffer) - self._start + self._size
 
     # -- output
 
@@ -3073,6 +3109,7 @@ def protocol_limits(config: Config) -> dict:
         "maxConnections": config.max_connections,
         "maxPending": config.max_pending,
         "maxBuffer": config.max_buffer,
+        "maxBuffered": config.max_buffered,
         "maxHeadSize": config.max_head_size,
         "maxBodySize": config.max_body_size,
         "maxSessions": config.max_sessions,
@@ -3188,13 +3225,17 @@ def openapi_html(doc: dict) -> str:
 # of each event-loop turn `Server._flush` writes every dirty outbox with one transport.write, so a
 # burst of deliveries costs one syscall per connection, not one per message. A connection that
 # still has more than `max_buffer` unsent when more is to be written is a slow consumer: closed
-# with 4001, without holding anyone else back.
+# with 4001, without holding anyone else back. A batch over WRITE_CHUNK (a long replay) is written
+# only as far as the socket takes it; the rest is the connection's `stream`, continued from
+# resume_writing as the client reads. Input is handled FRAMES_PER_TURN frames per turn (section 6):
+# the rest waits, the socket unread, for a later turn.
 #
 # Timers: one tick a second walks the connections (no timer object per connection). It cuts an
 # HTTP connection whose request head is not complete within the handshake timeout (slowloris, and
 # idle keep-alive), closes with 4000 a WebSocket that has not sent `setup` within the setup timeout,
 # pings a connection that has been silent for the ping interval, and closes with 1011 one that then
-# stays silent for the ping timeout. Any bytes received count as a sign of life.
+# stays silent for the ping timeout. Any bytes received count as a sign of life. The same sweep adds
+# up what every connection holds (`buffered`): over --max-buffered, the largest holders are closed.
 
 TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout above
 
@@ -3202,7 +3243,7 @@ TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout abov
 class ServerConnection(Client, asyncio.Protocol):
     __slots__ = (
         "server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent",
-        "answering", "backlogged",
+        "answering", "backlogged", "input_held", "deferred", "stream", "stream_bytes",
     )
 
     def __init__(self, server: Server) -> None:
@@ -3219,6 +3260,10 @@ class ServerConnection(Client, asyncio.Protocol):
         self.ping_sent = 0.0  # when our keepalive ping went out; 0 when none is outstanding
         self.answering = False  # an HTTP response is pending: later requests wait for it
         self.backlogged = False  # HTTP responses unsent past MAX_HTTP_UNSENT: later requests wait for the client to read
+        self.input_held = False  # the broker holds this connection's requests (pause_input)
+        self.deferred = False  # input is left for a later turn (FRAMES_PER_TURN): reading stops meanwhile
+        self.stream: list[bytes] | None = None  # frames not written yet: the socket took enough for now
+        self.stream_bytes = 0
 
     # -- asyncio callbacks
 
@@ -3292,7 +3337,12 @@ class ServerConnection(Client, asyncio.Protocol):
                 return
 
     def resume_writing(self) -> None:
-        """asyncio: the unsent data drained below the low-water mark. Go on with waiting requests."""
+        """asyncio: the unsent data drained below the low-water mark. Go on with the rest of a long
+        answer, then with the requests that waited."""
+        if self.stream is not None and not self.lost:
+            stream, self.stream, self.stream_bytes = self.stream, None, 0
+            self._write(stream)
+            self._spend_credit()
         if self.inbox is not None and self.broker is not None and not self.lost:
             self.broker.run_inbox(self)  # WebSocket requests that waited for the client to read
         if self.backlogged and not self.lost and self.reader is not None:
@@ -3352,17 +3402,37 @@ class ServerConnection(Client, asyncio.Protocol):
                     broker.handle_binary(self)
         if ws.state != OPEN:
             self._finish(ws.data_to_send())
+        if ws.more and not self.lost:
+            self._defer()
+
+    def _defer(self) -> None:
+        """Parse the rest of the input in a later turn, after the other connections had theirs."""
+        if not self.deferred:
+            self.deferred = True
+            self.transport.pause_reading()
+            self.server.loop.call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        self.deferred = False
+        if self.lost or self.input_held:
+            return  # pause_input(False) goes on with it
+        self._websocket_data(b"")
+        if not self.deferred and not self.input_held and not self.lost:
+            self.transport.resume_reading()
 
     def backlog(self) -> int:
-        return Client.backlog(self) + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+        return Client.backlog(self) + self.stream_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
 
     def pause_input(self, paused: bool) -> None:
         """The broker holds this connection's requests (a resume runs, or its output is unread): stop reading meanwhile."""
         if self.lost or self.transport is None:
             return
+        self.input_held = paused
         if paused:
             self.transport.pause_reading()
-        else:
+        elif self.ws is not None and self.ws.more:
+            self._defer()  # frames already read wait first
+        elif not self.deferred:
             self.transport.resume_reading()
 
     def close_websocket(self, code: int, reason: str = "", reliable: bool = True) -> None:
@@ -3380,6 +3450,9 @@ class ServerConnection(Client, asyncio.Protocol):
         transport = self.transport
         if self.broker is not None:
             last = (self.take_output() if self.out else b"") + last
+        if self.stream is not None:
+            last = b"".join(self.stream) + last  # the rest of a long answer still goes first
+            self.stream, self.stream_bytes = None, 0
             # "Last handed" is trusted only when the peer ended the connection with a close frame.
             self.broker.disconnect(self, reliable=self.ws.close_code is not None)
         if last:
@@ -3390,7 +3463,7 @@ class ServerConnection(Client, asyncio.Protocol):
             self.closing_since = self.server.clock()  # the sweep drops TCP after close_timeout
 
     def flush(self) -> None:
-        """Write the outbox in one call, or close a slow consumer.
+        """Write the outbox, or close a slow consumer.
 
         A consumer is slow when what it has not yet taken from earlier writes is over the limit
         when more is to be written. Measured before the write, so one message larger than the
@@ -3404,22 +3477,84 @@ class ServerConnection(Client, asyncio.Protocol):
             return
         if self.lost or self.broker is None or not self.out:
             return
-        transport = self.transport
-        unsent = transport.get_write_buffer_size()
+        unsent = self.transport.get_write_buffer_size() + self.stream_bytes
         if unsent - self.replay_credit > self.server.config.max_buffer:
             log.info("closing a slow consumer: %d bytes unsent", unsent)
-            self.take_output()  # not sent: the client resumes from history after 4001
-            self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit", reliable=False)
+            self.shed(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing buffer over the limit")
             return
-        transport.write(self.take_output())
-        if self.replay_credit:
-            # The buffer drains in order, so the replayed bytes still unsent are at most what is
-            # unsent now: the credit shrinks as the client reads.
-            self.replay_credit = min(self.replay_credit, transport.get_write_buffer_size())
+        if self.stream is not None:
+            # A long answer is still going out as the socket drains: what follows queues behind it.
+            out = self.out
+            self.stream += out
+            self.stream_bytes += sum(map(len, out))
+            out.clear()
+        else:
+            self._write(self.out)
+        self._spend_credit()
         if self.inbox is not None and self.held is None:
             # Requests that waited for this output to be written: the socket took it (or
             # resume_writing will say when it has drained).
             self.broker.run_inbox(self)
+
+    def _write(self, frames: list[bytes]) -> None:
+        """Write `frames` in order, and empty the list. A batch over WRITE_CHUNK goes in pieces,
+        and only while the socket's buffer is under its high-water mark: the rest becomes the
+        stream, which resume_writing continues as the client reads. So a replay of a topic's
+        whole history is never copied into one buffer, nor held twice."""
+        transport = self.transport
+        if len(frames) == 1:
+            transport.write(frames[0])
+        elif sum(map(len, frames)) <= WRITE_CHUNK:
+            transport.write(b"".join(frames))
+        else:
+            high = transport.get_write_buffer_limits()[1]
+            start = size = 0
+            for end, frame in enumerate(frames, 1):
+                size += len(frame)
+                if size < WRITE_CHUNK and end < len(frames):
+                    continue
+                transport.write(frame if end - start == 1 else b"".join(frames[start:end]))
+                start, size = end, 0
+                if end < len(frames) and transport.get_write_buffer_size() > high:
+                    # Over the high-water mark asyncio has paused us: resume_writing will follow.
+                    self.stream = frames[end:]
+                    self.stream_bytes = sum(map(len, self.stream))
+                    break
+        frames.clear()
+
+    def _spend_credit(self) -> None:
+        if self.replay_credit:
+            # Output drains in order, so the replayed bytes still unsent are at most what is
+            # unsent now: the credit shrinks as the client reads.
+            self.replay_credit = min(self.replay_credit, self.transport.get_write_buffer_size() + self.stream_bytes)
+
+    def shed(self, code: int, reason: str) -> None:
+        """Drop what is queued for this client and close it with `code` (4001: its output is
+        over a limit). Not sent: the client resumes from history."""
+        self.out.clear()
+        self.stream, self.stream_bytes = None, 0
+        self.close_websocket(code, reason, reliable=False)
+
+    def buffered(self) -> int:
+        """Bytes this connection makes the server hold: input not handled yet, output not sent
+        yet. A connection already closing counts 0: it is on its way out (close_timeout)."""
+        if self.lost or self.closing_since is not None or self.transport is None:
+            return 0
+        held = self.transport.get_write_buffer_size()
+        if self.ws is not None:
+            return held + self.ws.buffered() + self.stream_bytes + Client.backlog(self)
+        if self.reader is not None:
+            return held + len(self.reader.buffer)
+        return held
+
+    def over_budget(self) -> None:
+        """Closed to keep the server within --max-buffered: by what it holds most of."""
+        if self.ws is None:
+            self.transport.abort()  # an HTTP request whose head or body is unfinished
+        elif self.ws.buffered() > self.buffered() // 2:
+            self.close_websocket(CloseCode.TRY_AGAIN_LATER, "server buffer budget reached: unfinished message dropped")
+        else:
+            self.shed(CloseCode.SLOW_CONSUMER, "server buffer budget reached: unsent data dropped")
 
     def tick(self, now: float) -> None:
         """Apply the timeouts (called once per TICK, with the server's clock)."""
@@ -3465,6 +3600,8 @@ class Server:
         self.connections: set[ServerConnection] = set()
         self.pending: collections.OrderedDict = collections.OrderedDict()  # not WebSocket (yet), oldest first
         self.evicted = 0  # pending connections closed to make room since the last sweep (logged there)
+        self.buffered = 0  # bytes held for clients at the last sweep (input not handled, output not sent)
+        self.shed = 0  # connections closed to stay within max_buffered, since start
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -3539,13 +3676,32 @@ class Server:
             log.warning("closed %d connections that had not finished a request, to stay within max-pending %d",
                         self.evicted, self.config.max_pending)
             self.evicted = 0
+        held = 0
         for conn in list(self.connections):
             try:
                 conn.tick(now)
+                held += conn.buffered()
             except Exception:
                 log.exception("timer sweep failed for a connection; dropping it")
                 conn.transport.abort()
+        self.buffered = held
+        if held > self.config.max_buffered > 0:
+            self._shed(held)
         self.broker.sweep(now)
+
+    def _shed(self, held: int) -> None:
+        """Over --max-buffered: close the largest holders until what is held fits again."""
+        budget = self.config.max_buffered
+        holders = sorted(((conn.buffered(), id(conn), conn) for conn in self.connections), reverse=True)
+        closed = 0
+        for size, _, conn in holders:
+            if held <= budget or not size:
+                break
+            conn.over_budget()
+            held -= size
+            closed += 1
+        self.shed += closed
+        log.warning("server buffer budget reached (max-buffered %d bytes): closed the %d connections holding most", budget, closed)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, grace: float | None = None) -> None:
         """Stop accepting, flush, close every connection with `code`, wait up to `grace` seconds."""
@@ -3610,6 +3766,7 @@ class Config:
     max_connections: int = MAX_CONNECTIONS
     max_pending: int = MAX_PENDING
     max_buffer: int = MAX_BUFFER
+    max_buffered: int = MAX_BUFFERED
     dedup_window: float = DEDUP_WINDOW
     dedup_per_user: int = DEDUP_PER_USER
     dedup_total: int = DEDUP_TOTAL
@@ -3659,6 +3816,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-connections", "max_connections", int, "open WebSocket connections; over it: HTTP 503"),
     ("--max-pending", "max_pending", int, "TCP connections that are not WebSocket (yet); over it the oldest is closed"),
     ("--max-buffer", "max_buffer", int, "unsent bytes per connection; over it: close 4001 (slow consumer)"),
+    ("--max-buffered", "max_buffered", int, "bytes held for all clients together (unfinished input, unsent output); over it the largest holders are closed: 4001 for output, 1013 for an unfinished message"),
     ("--dedup-window", "dedup_window", float, "seconds a messageId is remembered per user"),
     ("--dedup-per-user", "dedup_per_user", int, "messageIds remembered per user (oldest forgotten first)"),
     ("--dedup-total", "dedup_total", int, "messageIds remembered in all (oldest forgotten first)"),

@@ -1050,3 +1050,108 @@ def test_accept_errors_are_logged_once_per_interval_with_a_count(caplog):
         handler(None, context)
     lines = [r.getMessage() for r in caplog.records if "accept() failed" in r.getMessage()]
     assert len(lines) == 2 and "failed 1 time" in lines[0] and "failed 50000 time" in lines[1]
+
+
+def test_long_replay_is_written_as_the_socket_drains(server_factory):
+    """A replay of 20 MB of history to a client that does not read is not copied into the socket's
+    buffer: the server writes pieces while the socket takes them and keeps the rest as references
+    (the stream); a live message published meanwhile queues behind it, and once the client reads,
+    everything arrives in order."""
+    server = server_factory(max_buffer=1 << 20, history_bytes=64 << 20, publish_rate=0)
+    for _ in range(400):
+        server.publish("t", "x" * 50_000)
+    with RawClient(server.port, rcvbuf=4096, timeout=20) as c:
+        c.handshake()
+        c.setup(topics=["t"])
+        c.send_json({"type": "replay", "topic": "t", "fromSeq": 1})
+        server.sync()
+        wait_until(lambda: server.call(lambda: any(conn.stream for conn in server.server.connections)), what="the stream")
+        unsent, streamed = server.call(lambda: next((conn.transport.get_write_buffer_size(), conn.stream_bytes)
+                                                   for conn in server.server.connections if conn.stream))
+        assert unsent < 1 << 20 and streamed > 15_000_000, (unsent, streamed)
+        server.publish("t", "live")
+        seqs = []
+        while True:
+            msg = c.recv_json()
+            if msg["type"] == "message":
+                seqs.append(msg["seqNo"])
+            if msg["type"] == "message" and msg["data"] == "live":
+                break
+        assert seqs == list(range(1, 401)) + [401]
+        assert server.call(lambda: [conn.stream for conn in server.server.connections]) == [None]
+
+
+def test_input_is_parsed_a_slice_per_turn_and_none_is_lost(server_factory):
+    """Ten slices' worth of pings and publishes in one segment: the connection's input is handled
+    FRAMES_PER_TURN frames at a time (reading stops in between), and every answer comes, in order;
+    a resume among them (which holds what follows) does not lose or reorder the rest either."""
+    server = server_factory(publish_rate=0)
+    n = ms.FRAMES_PER_TURN * 10
+    with RawClient(server.port, timeout=10) as c:
+        c.handshake()
+        session = c.setup(topics=["t"])["sessionId"]
+        batch = [masked(ms.Opcode.TEXT, json.dumps({"type": "publish", "topic": "t", "messageId": f"m{i}", "payload": i, "id": i}).encode(), mask=os.urandom(4)) for i in range(n)]
+        batch.insert(n // 2, masked(ms.Opcode.TEXT, json.dumps({"type": "resume", "sessionId": session, "id": "r"}).encode(), mask=os.urandom(4)))
+        batch.insert(n // 3, masked(ms.Opcode.PING, b"p", mask=os.urandom(4)))
+        c.send(b"".join(batch))
+        acks, payloads, resumed, pongs = [], [], 0, 0
+        while len(acks) < n or len(payloads) < n or not resumed or not pongs:
+            frame = c.recv_frame()
+            if frame.opcode == ms.Opcode.PONG:
+                pongs += 1
+                continue
+            msg = json.loads(frame.payload)
+            if msg["type"] == "ack":
+                acks.append(msg["id"])
+            elif msg["type"] == "message":
+                payloads.append(msg["data"])
+            elif msg["type"] == "resumed":
+                resumed += 1
+        assert acks == list(range(n)) and payloads == list(range(n)) and (resumed, pongs) == (1, 1)
+
+
+def test_buffer_budget_closes_the_largest_unfinished_message_with_1013(server_factory):
+    """Over --max-buffered, the sweep closes the connections holding most until the total fits:
+    here the one holding the largest unfinished message, with 1013; smaller holders stay open and
+    can finish their messages."""
+    server = server_factory(max_buffered=3 << 20)
+    clients = [RawClient(server.port, timeout=10) for _ in range(4)]
+    try:
+        for c, size in zip(clients, (1_000_000, 900_000, 800_000, 700_000)):
+            c.handshake()
+            c.setup()
+            c.send(masked(ms.Opcode.TEXT, b'{"type":"ping","pad":"' + b"x" * size, fin=False, mask=os.urandom(4)))
+        wait_until(lambda: server.call(lambda: sum(conn.buffered() for conn in server.server.connections)) >= 3_400_000, what="the messages to be held")
+        server.call(server.server.tick)
+        assert clients[0].recv_close() == ms.CloseCode.TRY_AGAIN_LATER
+        for c in clients[1:]:
+            c.send(masked(ms.Opcode.CONT, b'"}', mask=os.urandom(4)))
+            assert c.recv_json()["type"] == "pong"
+        assert server.call(lambda: server.server.shed) == 1
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_buffer_budget_closes_the_largest_unsent_output_with_4001(server_factory):
+    """Over --max-buffered because subscribers do not read, the sweep closes the one with most
+    unsent output with 4001 and drops what it held (it resumes); a subscriber that reads keeps
+    getting everything."""
+    server = server_factory(max_buffered=1 << 20, max_buffer=8 << 20, publish_rate=0)
+    with RawClient(server.port, rcvbuf=4096, timeout=20) as stuck, RawClient(server.port, timeout=20) as reader:
+        for c in (stuck, reader):
+            c.handshake()
+            c.setup(topics=["t"])
+        held = [0]
+        for k in range(400):  # until what the kernel takes is full and the server holds the rest
+            server.publish("t", "y" * 50_000)
+            assert reader.recv_json()["seqNo"] == k + 1
+            held = server.call(lambda: sorted(conn.buffered() for conn in server.server.connections))
+            if held[-1] > 2 << 20:
+                break
+        assert held[0] < 100_000 and held[-1] > 2 << 20, held
+        server.call(server.server.tick)
+        assert server.call(lambda: server.server.shed) == 1
+        assert stuck.recv_close() == ms.CloseCode.SLOW_CONSUMER
+        server.publish("t", "after")
+        assert reader.recv_json()["data"] == "after"

@@ -24,6 +24,14 @@ def sent_close(conn: ms.WebSocketConnection) -> int:
     return ms.parse_close(frame.payload)[0]
 
 
+def receive_all(conn: ms.WebSocketConnection, data: bytes) -> list:
+    """Feed `data`, then call again while the connection says it left frames for a later turn (as the I/O layer does)."""
+    events = conn.receive_data(data)
+    while conn.more:
+        events += conn.receive_data(b"")
+    return events
+
+
 def assert_failed(conn: ms.WebSocketConnection, code: int) -> None:
     """The connection failed with `code`: close frame queued, state CLOSED."""
     assert sent_close(conn) == code
@@ -210,7 +218,7 @@ def _feed(data: bytes, chunks: list[int], max_size: int) -> tuple[list, str, int
     events = []
     pos = 0
     for size in chunks + [len(data)]:
-        events += conn.receive_data(data[pos : pos + size])
+        events += receive_all(conn, data[pos : pos + size])
         pos += size
     return events, conn.state, conn.close_sent, conn.close_code, conn.data_to_send()
 
@@ -242,7 +250,7 @@ def test_flood_of_empty_fragments_is_closed_1009():
     """A message sent as thousands of empty continuation frames is failed with 1009 once past MAX_SMALL_FRAGMENTS, instead of costing a parse per frame for ever."""
     ws = ms.WebSocketConnection()
     data = masked(ms.Opcode.TEXT, b"x", fin=False) + masked(ms.Opcode.CONT, b"", fin=False) * (ms.MAX_SMALL_FRAGMENTS + 5)
-    assert ws.receive_data(data) == []
+    assert receive_all(ws, data) == []
     assert ws.state == ms.CLOSED and ws.close_sent == ms.CloseCode.MESSAGE_TOO_BIG
 
 
@@ -253,5 +261,41 @@ def test_many_fragments_of_a_fair_size_are_fine():
     ws = ms.WebSocketConnection(max_message_size=size * (count + 1))
     data = masked(ms.Opcode.TEXT, b"a" * size, fin=False) + masked(ms.Opcode.CONT, b"b" * size, fin=False) * (count - 1)
     data += masked(ms.Opcode.CONT, b"c" * size, fin=True)
-    ((opcode, text),) = ws.receive_data(data)
+    ((opcode, text),) = receive_all(ws, data)
     assert opcode == ms.Opcode.TEXT and len(text) == size * (count + 1) and ws.state == ms.OPEN
+
+
+def test_one_call_parses_at_most_frames_per_turn_and_the_rest_follows():
+    """Fairness: one receive_data call handles at most FRAMES_PER_TURN frames and sets `more`; calls with no new bytes go on where it stopped, in order, and bytes arriving meanwhile queue behind the rest."""
+    n = ms.FRAMES_PER_TURN * 2 + 5
+    data = b"".join(masked(ms.Opcode.TEXT, str(i).encode()) for i in range(n))
+    conn = ms.WebSocketConnection()
+    first = conn.receive_data(data)
+    assert len(first) == ms.FRAMES_PER_TURN and conn.more
+    second = conn.receive_data(masked(ms.Opcode.TEXT, b"late"))  # arrives before the rest was parsed
+    assert len(second) == ms.FRAMES_PER_TURN and conn.more
+    rest = receive_all(conn, b"")
+    assert not conn.more and conn.buffered() == 0
+    texts = [text for _, text in first + second + rest]
+    assert texts == [str(i) for i in range(n)] + ["late"]
+
+
+def test_control_frames_and_empty_fragments_count_against_the_turn():
+    """Pings and empty continuation frames are frames too: a flood of them is cut into slices of FRAMES_PER_TURN like anything else."""
+    conn = ms.WebSocketConnection()
+    assert len(conn.receive_data(masked(ms.Opcode.PING, b"") * (ms.FRAMES_PER_TURN + 1))) == ms.FRAMES_PER_TURN and conn.more
+    assert len(conn.receive_data(b"")) == 1 and not conn.more
+    conn.receive_data(masked(ms.Opcode.TEXT, b"x", fin=False) + masked(ms.Opcode.CONT, b"", fin=False) * (ms.FRAMES_PER_TURN * 3))
+    assert conn.more and conn.state == ms.OPEN
+
+
+def test_buffered_counts_unparsed_input_and_the_open_message():
+    """buffered() is what the connection holds for the peer: bytes not parsed yet plus the open message's size, and 0 once the message ends (the server's buffer budget reads it)."""
+    conn = ms.WebSocketConnection()
+    conn.receive_data(masked(ms.Opcode.TEXT, b"a" * 1000, fin=False))
+    assert conn.buffered() == 1000
+    partial = masked(ms.Opcode.CONT, b"b" * 10)
+    conn.receive_data(partial[:3])  # not even a whole header
+    assert conn.buffered() == 1003
+    conn.receive_data(partial[3:])
+    assert conn.buffered() == 0
