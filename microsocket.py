@@ -55,11 +55,14 @@ import collections
 import dataclasses
 import enum
 import hashlib
+import heapq
+import hmac
 import html
 import http
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -68,7 +71,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Union
 
 try:
     import resource  # the open-file limit (Unix)
@@ -131,6 +134,18 @@ HISTORY_BYTES = 64 << 20  # retained message bytes across all topics, each count
 # What one retained message costs besides its frame: its (seqNo, time, frame) entry, the (topic,
 # seqNo) entry of the arrival order, an int and a float (measured with sys.getsizeof on CPython 3.11).
 HISTORY_ENTRY_COST = 192
+MAX_TOKEN_SIZE = 8192  # bytes in a token (SPEC 1.1 §3: "Tokens over 8 KiB ... are refused")
+JWT_LEEWAY = 30.0  # seconds of clock skew allowed for exp, nbf and iat (--jwt-leeway)
+# RFC 7518 §3.2: "A key of the same size as the hash output (for instance, 256 bits for "HS256") or
+# larger MUST be used with this algorithm."
+MIN_HMAC_KEY_BYTES = 32
+# RFC 7518 §3.3: "A key of size 2048 bits or larger MUST be used with these algorithms."
+MIN_RSA_BITS = 2048
+# SPEC 1.1 "Signing": with signing on, "an integer beyond ±2^53" is not I-JSON. RFC 7493 §2.2 asks
+# for [-(2**53)+1, 2**53-1]; ±2**53 itself is exactly a double and JCS writes it unambiguously
+# (RFC 8785 Appendix B lists 9007199254740992), so the SPEC's bound is the one kept.
+MAX_JSON_INTEGER = 2**53
+MAX_PRESENCE = 100  # users listed in one presence answer; its count stays exact
 MAX_TOPICS = 100_000  # sequenced topics (a counter, an epoch, maybe history); past it the least recently used idle one is forgotten early
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame before dropping TCP
 HANDSHAKE_TIMEOUT = 10.0  # seconds to send a complete request head (slowloris), or idle keep-alive
@@ -961,14 +976,16 @@ ERROR_CODES = (
     "INVALID_MESSAGE",
     "INVALID_TOPIC",
     "TOPIC_LOCKED",
+    "ACL_DENIED",
     "TOO_MANY_SUBSCRIPTIONS",
+    "TOO_MANY_CONNECTIONS",
     "RATE_LIMITED",
     "SESSION_EXPIRED",
     "REPLAY_UNAVAILABLE",
     "INTERNAL_ERROR",
 )
-# SPEC codes this version never sends: ACLs and a backbone that can fail (Redis) are planned.
-PLANNED_ERROR_CODES = ("ACL_DENIED", "BACKBONE_UNAVAILABLE")
+# SPEC codes this version never sends: a backbone that can fail (Redis) is planned.
+PLANNED_ERROR_CODES = ("BACKBONE_UNAVAILABLE",)
 
 # Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed, nor
 # Unicode format characters (category Cf: bidi overrides, zero-width joiners and spaces, soft
@@ -1064,10 +1081,14 @@ _quote = json.encoder.encode_basestring  # a str as a JSON string, in C where CP
 _MESSAGE_OVERHEAD = len('{"type":"message","topic":,"seqNo":,"messageId":,"data":}') + 20
 
 
-def message_frame(topic: str, seq: int, message_id: str, data: bytes) -> bytes:
-    """The frame of one published message: built once, sent to every subscriber, kept in history."""
+def message_frame(topic: str, seq: int, message_id: str, data: bytes, signature: tuple[str, str] | None = None) -> bytes:
+    """The frame of one published message: built once, sent to every subscriber, kept in history
+    (so replay and resume send the same bytes, signature included). `signature` is (kid, sig)."""
     head = utf8(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":')
-    return serialize_frame(Opcode.TEXT, b"".join((head, data, b"}")))
+    if signature is None:
+        return serialize_frame(Opcode.TEXT, b"".join((head, data, b"}")))
+    tail = utf8(f',"kid":{_quote(signature[0])},"sig":"{signature[1]}"}}')
+    return serialize_frame(Opcode.TEXT, b"".join((head, data, tail)))
 
 
 def message_size(topic: str, message_id: str, data: bytes) -> int:
@@ -1403,20 +1424,974 @@ class Session:
         return Session(self.id, self.user_id, {topic: p.copy() for topic, p in self.positions.items()})
 
 
-# === 11. Auth =====================================================================================
+# === 11. Auth, ACL and signing ====================================================================
 #
-# Demo mode, the default and for now the only mode: any non-empty token is accepted and becomes the
-# userId. `authenticate` is the one place every entry point (setup, refresh, POST /publish) calls,
-# so verified tokens (JWT) and ACLs slot in here.
+# Who a client is, what it may read and write, and the signature a message carries. Three parts,
+# none of them doing I/O or keeping state that changes: the broker (section 12) asks them.
+#
+# - Tokens. Demo mode (no JWT key configured): any non-empty token is the userId. Otherwise a token
+#   is a compact JWS (RFC 7515) holding JWT claims (RFC 7519), verified by `JWTVerifier.verify`
+#   into `Claims`, or refused with ClientError AUTH_FAILED and a reason an operator can act on
+#   (never the token itself). The order is fixed and it is the security argument: size and shape,
+#   header, key selection, signature, and only then the claims. RFC 8725 §2.1 ("Weak Signatures
+#   and Insufficient Signature Validation") and §3.1 ("Perform Algorithm Verification") are why
+#   the allow-list is two names and an `alg` must fit the type of the key that verifies it.
+#   HS256 is HMAC-SHA256 compared in constant time; RS256 is verified in pure Python by building
+#   the whole expected EMSA-PKCS1-v1_5 encoding and comparing it, never by parsing what the
+#   public-key operation produced (that parsing is where Bleichenbacher-style forgeries live).
+# - ACLs (invariant I1). A pattern is an exact topic, a prefix ending in `*`, or `*`; `{sub}`
+#   stands for the user's id. `Grants` compiles one connection's patterns (ACL file and token
+#   claims together) into a set of exact topics and a tuple of prefixes, so a check is one set
+#   lookup and one `str.startswith(tuple)`, done once per request, never per subscriber.
+# - Signing (invariant I7). RFC 8785 (JCS) canonical JSON, written here, of
+#   `[topic, seqNo, messageId, data]`, HMAC-SHA256 under the first `--sign-key`.
+#
+# Startup problems (a short secret, a bad JWK Set or ACL file) are ValueError with a message that
+# names the offending key or entry; section 16 turns them into an exit with that message.
+
+JWT_ALGORITHMS = ("HS256", "RS256")  # the allow-list, case-sensitive (RFC 7515 §4.1.1)
+# Header parameters that name or carry a key (RFC 7515 §4.1.2-§4.1.6): a verifier that used them
+# would let the token choose its own key. Their presence refuses the token; nothing is fetched.
+_KEY_CARRYING_HEADERS = ("jku", "jwk", "x5u", "x5c")
+
+
+# --- strict parsing helpers ------------------------------------------------------------------------
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def b64url_encode(raw: bytes) -> str:
+    """base64url without padding (RFC 7515 §2, "Base64url Encoding")."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """The bytes of `text`, base64url without padding, strictly: only the 64 characters of the
+    alphabet, no "=", and only the one encoding of those bytes (RFC 4648 §3.5: the unused bits of
+    the last character are zero), so a token has exactly one spelling. Else ValueError."""
+    if not isinstance(text, str) or not _B64URL.fullmatch(text):
+        raise ValueError("not base64url (only A-Z a-z 0-9 - _, no padding)")
+    if len(text) % 4 == 1:
+        raise ValueError("not base64url (a length of 4n+1 characters encodes no bytes)")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(raw) != text:
+        raise ValueError("not base64url (the last character has unused bits set: not the canonical encoding)")
+    return raw
+
+
+def _refuse_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {_show(key)}")
+            seen.add(key)
+    return obj
+
+
+_strict_decode = json.JSONDecoder(
+    object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_json_constant, parse_float=_finite_float
+).decode
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """Parse JSON strictly (RFC 8259 plus I-JSON, RFC 7493): bytes must be UTF-8; duplicate keys,
+    NaN/Infinity/-Infinity, numbers that overflow a double and lone surrogates are refused (RFC
+    7493 §2.3: "Objects in I-JSON messages MUST NOT have members with duplicate names"; RFC 7515
+    §5.2 lets a JWS recipient either refuse duplicates or take the last one, and taking the last
+    is how a header says two things to two libraries). Raises ValueError."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8") from None
+    try:
+        value = _strict_decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(e.msg + f" at character {e.pos}") from None
+    # A lone surrogate can only come from a \u escape (decoded UTF-8 holds none) or from a str
+    # given as such; it could never be sent on as UTF-8.
+    if ("\\u" in text or _SURROGATE.search(text)) and _SURROGATE.search(json.dumps(value, ensure_ascii=False)):
+        raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text")
+    return value
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short repr of a value from outside, for an error message (bounded, control characters escaped)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+class HS256Key:
+    """A symmetric key: it verifies HMAC-SHA256 (`alg` HS256) and nothing else. Its repr never
+    shows the secret."""
+
+    __slots__ = ("kid", "_secret")
+    alg = "HS256"
+    kty = "oct"
+
+    def __init__(self, secret: bytes, kid: str | None = None) -> None:
+        if len(secret) < MIN_HMAC_KEY_BYTES:
+            raise ValueError(
+                f"an HS256 key of {len(secret)} bytes is too short: at least {MIN_HMAC_KEY_BYTES} are needed (RFC 7518 §3.2)"
+            )
+        self.kid = kid
+        self._secret = bytes(secret)
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """True if `signature` is the HMAC-SHA256 of `signing_input` (compared in constant time)."""
+        expected = hmac.new(self._secret, signing_input, hashlib.sha256).digest()
+        return hmac.compare_digest(expected, signature)
+
+    def __repr__(self) -> str:
+        return f"HS256Key(kid={self.kid!r})"
+
+
+# RFC 8017 §9.2, note 1: the DER encoding of DigestInfo for SHA-256, "30 31 30 0d 06 09 60 86 48 01
+# 65 03 04 02 01 05 00 04 20 || H", with the NULL parameters (the form RFC 7518 §3.3 signs with).
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+class RS256Key:
+    """An RSA public key (n, e): it verifies RSASSA-PKCS1-v1_5 with SHA-256 (`alg` RS256) and
+    nothing else. The modulus is at least MIN_RSA_BITS bits."""
+
+    __slots__ = ("kid", "n", "e", "size", "_prefix")
+    alg = "RS256"
+    kty = "RSA"
+
+    def __init__(self, n: int, e: int, kid: str | None = None) -> None:
+        if n.bit_length() < MIN_RSA_BITS:
+            raise ValueError(f"an RSA modulus of {n.bit_length()} bits is too small: at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")
+        if n % 2 == 0:
+            raise ValueError("the RSA modulus is even: not a product of two odd primes")
+        # e = 1 would make every EM its own signature; an even e has no inverse mod lcm(p-1, q-1).
+        if e < 3 or e % 2 == 0 or e >= n:
+            raise ValueError("the RSA public exponent must be odd, at least 3 and below the modulus")
+        self.kid = kid
+        self.n = n
+        self.e = e
+        self.size = (n.bit_length() + 7) // 8  # k, the length of the modulus in octets
+        # RFC 8017 §9.2 EMSA-PKCS1-V1_5-ENCODE, steps 4-5: PS is k - tLen - 3 octets of 0xff and
+        # EM = 0x00 || 0x01 || PS || 0x00 || T, T = DigestInfo || H. All but H is fixed per key.
+        t_len = len(_SHA256_DIGEST_INFO) + 32
+        self._prefix = b"\x00\x01" + b"\xff" * (self.size - t_len - 3) + b"\x00" + _SHA256_DIGEST_INFO
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """RFC 8017 §8.2.2 RSASSA-PKCS1-V1_5-VERIFY((n, e), M, S) with SHA-256."""
+        # Step 1: "If the length of the signature S is not k octets, output "invalid signature"".
+        if len(signature) != self.size:
+            return False
+        # Step 2, RSAVP1 (§5.2.2): "If the signature representative s is not between 0 and n - 1,
+        # output "signature representative out of range"".
+        s = int.from_bytes(signature, "big")
+        if s >= self.n:
+            return False
+        em = pow(s, self.e, self.n).to_bytes(self.size, "big")
+        # Steps 3-4: build EM' = EMSA-PKCS1-V1_5-ENCODE(M, k) and compare it with EM whole. The
+        # decrypted block is never parsed, so there is no parser to fool (no "garbage after the
+        # hash", no short padding, no DigestInfo with extra parameters).
+        expected = self._prefix + hashlib.sha256(signing_input).digest()
+        return hmac.compare_digest(em, expected)
+
+    def __repr__(self) -> str:
+        return f"RS256Key(kid={self.kid!r}, bits={self.n.bit_length()})"
+
+
+Key = Union[HS256Key, RS256Key]
+
+# RFC 7518 §6.3.2: what makes an RSA JWK a private key. The gateway only verifies.
+_RSA_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+
+
+def _b64url_uint(value: Any, name: str) -> int:
+    """A JWK "Base64urlUInt" member (RFC 7518 §2: "The octet sequence MUST utilize the minimum
+    number of octets needed to represent the value")."""
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be a base64url string")
+    raw = b64url_decode(value)
+    if not raw:
+        raise ValueError(f"'{name}' is empty")
+    if raw[0] == 0:
+        raise ValueError(f"'{name}' has a leading zero octet (RFC 7518 §2: minimum number of octets)")
+    return int.from_bytes(raw, "big")
+
+
+def _load_jwk(jwk: Any) -> Key:
+    if not isinstance(jwk, dict):
+        raise ValueError("is not a JSON object")
+    kty = jwk.get("kty")
+    kid = jwk.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not kid):
+        raise ValueError("'kid' must be a non-empty string")
+    if "use" in jwk and jwk["use"] != "sig":
+        raise ValueError(f"'use' is {_show(jwk['use'])}: only signature keys (\"sig\") verify tokens")
+    if "key_ops" in jwk:
+        ops = jwk["key_ops"]
+        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops) or "verify" not in ops:
+            raise ValueError("'key_ops' does not include \"verify\"")
+    if kty == "oct":
+        alg = "HS256"
+    elif kty == "RSA":
+        alg = "RS256"
+    else:
+        raise ValueError(f"'kty' {_show(kty)} is not supported: \"oct\" (HS256) or \"RSA\" (RS256)")
+    if "alg" in jwk and jwk["alg"] != alg:
+        raise ValueError(f"'alg' {_show(jwk['alg'])} does not fit kty {kty!r}: only {alg!r} is accepted")
+    if kty == "oct":
+        k = jwk.get("k")
+        if not isinstance(k, str):
+            raise ValueError("an \"oct\" key needs 'k' (base64url)")
+        try:
+            secret = b64url_decode(k)
+        except ValueError as e:
+            raise ValueError(f"'k' is {e}") from None
+        return HS256Key(secret, kid)
+    private = [name for name in _RSA_PRIVATE_MEMBERS if name in jwk]
+    if private:
+        raise ValueError(f"holds private RSA members ({', '.join(private)}): give the gateway the public key only (n, e)")
+    if "n" not in jwk or "e" not in jwk:
+        raise ValueError("an \"RSA\" key needs 'n' and 'e' (base64url)")
+    return RS256Key(_b64url_uint(jwk["n"], "n"), _b64url_uint(jwk["e"], "e"), kid)
+
+
+def load_jwk_set(text: str | bytes) -> list[Key]:
+    """The keys of a JWK Set (RFC 7517 §5, `{"keys": [...]}`; --jwt-keys): "oct" keys (`k`) for
+    HS256, "RSA" keys (`n`, `e`) for RS256, each with an optional `kid` (distinct) and an optional
+    `alg` that must fit its `kty`. A key the gateway cannot use is an error, not skipped, so what
+    verifies tokens is exactly what the file says. ValueError names the offending key."""
+    try:
+        doc = strict_json_loads(text)
+    except ValueError as e:
+        raise ValueError(f"JWK Set: not JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError('JWK Set: expected a JSON object {"keys": [...]}')
+    if not doc["keys"]:
+        raise ValueError("JWK Set: 'keys' is empty")
+    keys: list[Key] = []
+    kids: set[str] = set()
+    for index, jwk in enumerate(doc["keys"]):
+        kid = jwk.get("kid") if isinstance(jwk, dict) else None
+        name = f"JWK Set: key {index}" + (f" (kid {_show(kid)})" if isinstance(kid, str) else "")
+        try:
+            key = _load_jwk(jwk)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if key.kid is not None:
+            if key.kid in kids:
+                raise ValueError(f"{name}: the kid is used by an earlier key; a kid must select one key")
+            kids.add(key.kid)
+        keys.append(key)
+    return keys
+
+
+def jwt_secret_key(secret: str) -> HS256Key:
+    """The HS256 key of --jwt-secret: the UTF-8 bytes of `secret`, at least 32 of them. ValueError."""
+    try:
+        raw = secret.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--jwt-secret is not valid text (it holds a lone surrogate)") from None
+    if len(raw) < MIN_HMAC_KEY_BYTES:
+        raise ValueError(
+            f"--jwt-secret is {len(raw)} bytes; at least {MIN_HMAC_KEY_BYTES} are needed (RFC 7518 §3.2), "
+            f"e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return HS256Key(raw)
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+
+class Claims(NamedTuple):
+    """What a verified token says. `exp` is the number as the token wrote it (an int stays an
+    int, so `ready.expiresAt` echoes it), None without `exp`; `read`/`write` are the topic
+    patterns of those claims, None when the claim is absent (an empty list is a tuple: it grants
+    nothing, but it is an ACL source)."""
+
+    sub: str
+    exp: float | None = None
+    read: tuple[str, ...] | None = None
+    write: tuple[str, ...] | None = None
+
+
+def _refuse(reason: str) -> ClientError:
+    return ClientError("AUTH_FAILED", reason, field="token")
 
 
 def authenticate(token: Any) -> str:
-    """The userId for `token`, or ClientError AUTH_FAILED."""
+    """Demo auth: the userId for `token`, or ClientError AUTH_FAILED."""
     if not isinstance(token, str) or not token:
         raise ClientError("AUTH_FAILED", "a non-empty string 'token' is required", field="token")
     if len(token) > 4096:
         raise ClientError("AUTH_FAILED", "token is over 4096 characters", field="token")
     return token
+
+
+class DemoVerifier:
+    """Demo mode (no JWT key configured): any non-empty token is the userId, with no expiry and
+    no claims. The same `verify` as JWTVerifier, so the broker holds one verifier either way."""
+
+    demo = True
+
+    def verify(self, token: Any) -> Claims:
+        return Claims(authenticate(token))
+
+
+class JWTVerifier:
+    """Verifies compact JWS tokens (RFC 7515) with HS256 or RS256 and checks their JWT claims
+    (RFC 7519). `verify(token)` returns Claims or raises ClientError AUTH_FAILED (field "token")
+    with the reason. `clock` is Unix time (exp, nbf and iat are), injectable for tests.
+
+    Key selection: a token with `kid` is verified by the configured key of that kid only (an
+    unknown kid is refused even if another key would verify). A token without `kid` is tried
+    against every configured key of the type its `alg` names, so one key, or a rotation without
+    kids, works; keys of the other type are never tried."""
+
+    demo = False
+
+    def __init__(
+        self,
+        keys: Iterable[Key],
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = JWT_LEEWAY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keys = list(keys)
+        if not self.keys:
+            raise ValueError("JWT verification needs at least one key")
+        if not (isinstance(leeway, (int, float)) and math.isfinite(leeway) and leeway >= 0):
+            raise ValueError("--jwt-leeway must be a finite number of seconds, 0 or more")
+        for name, value in (("--jwt-audience", audience), ("--jwt-issuer", issuer)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string")
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = float(leeway)
+        self.clock = clock
+        self._by_kid: dict[str, Key] = {}
+        self._by_alg: dict[str, list[Key]] = {alg: [] for alg in JWT_ALGORITHMS}
+        for key in self.keys:
+            if key.kid is not None:
+                if key.kid in self._by_kid:
+                    raise ValueError(f"two keys have the kid {key.kid!r}; a kid must select one key")
+                self._by_kid[key.kid] = key
+            self._by_alg[key.alg].append(key)
+
+    def verify(self, token: Any) -> Claims:
+        """Claims of a valid token, else ClientError AUTH_FAILED with the reason."""
+        return self.check_claims(self.decode(token))
+
+    def decode(self, token: Any) -> dict:
+        """The payload of a token whose header and signature are valid; no claim is looked at."""
+        if not isinstance(token, str):
+            raise _refuse("'token' must be a string")
+        if not token:
+            raise _refuse("'token' is empty")
+        if len(token) > MAX_TOKEN_SIZE:
+            raise _refuse(f"token is {len(token)} characters, over the {MAX_TOKEN_SIZE}-byte limit")
+        if not token.isascii():
+            raise _refuse("token holds characters that are neither base64url nor '.'")
+        parts = token.split(".")
+        if len(parts) != 3:
+            if len(parts) == 5:
+                raise _refuse("token has 5 parts: an encrypted token (JWE) is not accepted, only a signed one (JWS)")
+            raise _refuse(f"token has {len(parts)} part(s): a JWS has three, header.payload.signature")
+        header_b64, payload_b64, signature_b64 = parts
+
+        # RFC 7515 §5.2 steps 2-4: the header is base64url of UTF-8 of a JSON object.
+        try:
+            header = strict_json_loads(b64url_decode(header_b64))
+        except ValueError as e:
+            raise _refuse(f"header is malformed: {e}") from None
+        if not isinstance(header, dict):
+            raise _refuse("header is not a JSON object")
+
+        # RFC 8725 §3.1: "Libraries MUST enable the caller to specify a supported set of
+        # algorithms and MUST NOT use any other algorithms when performing cryptographic operations."
+        if "alg" not in header:
+            raise _refuse("header has no 'alg'")
+        alg = header["alg"]
+        if alg == "none":
+            raise _refuse("alg 'none' (an unsecured token) is refused")
+        if alg not in JWT_ALGORITHMS:  # `in` on a tuple of str: a non-str alg never matches
+            raise _refuse(f"alg {_show(alg)} is not allowed: only 'HS256' and 'RS256' (case-sensitive)")
+        # RFC 7515 §4.1.11: "If any of the listed extension Header Parameters are not understood
+        # and supported by the recipient, then the JWS is invalid." None is supported here.
+        if "crit" in header:
+            raise _refuse("header has 'crit': no JWS extension is supported (RFC 7515 §4.1.11)")
+        for name in _KEY_CARRYING_HEADERS:
+            if name in header:
+                raise _refuse(f"header has '{name}': a token cannot name or carry its key; only configured keys verify")
+
+        if "kid" in header:
+            kid = header["kid"]
+            if not isinstance(kid, str):
+                raise _refuse("header 'kid' is not a string")
+            key = self._by_kid.get(kid)
+            if key is None:
+                raise _refuse(f"kid {_show(kid)} is not a configured key")
+            if key.alg != alg:  # RFC 8725 §3.1: the alg must fit the key (RS256/HS256 confusion)
+                raise _refuse(f"alg {alg} does not fit key {_show(kid)}, a {key.kty} key ({key.alg} only)")
+            candidates = [key]
+            which = f"key {_show(kid)}"
+        else:
+            candidates = self._by_alg[alg]
+            if not candidates:
+                kty = "oct" if alg == "HS256" else "RSA"
+                raise _refuse(f"alg {alg} but no {kty} key is configured ({alg} cannot be verified)")
+            which = f"the configured {alg} key" + ("s" if len(candidates) > 1 else "")
+
+        try:
+            signature = b64url_decode(signature_b64)
+        except ValueError as e:
+            raise _refuse(f"signature is malformed: {e}") from None
+        try:
+            payload_bytes = b64url_decode(payload_b64)
+        except ValueError as e:
+            raise _refuse(f"payload is malformed: {e}") from None
+        # RFC 7515 §5.2 step 8: the signature is over ASCII(header "." payload), as sent.
+        signing_input = (header_b64 + "." + payload_b64).encode("ascii")
+        if not any(key.verify(signing_input, signature) for key in candidates):
+            raise _refuse(f"signature does not verify with {which}")
+
+        # Only now is the payload read: whatever it says, a trusted key signed it.
+        try:
+            payload = strict_json_loads(payload_bytes)
+        except ValueError as e:
+            raise _refuse(f"payload is malformed: {e}") from None
+        if not isinstance(payload, dict):
+            raise _refuse("claims are not a JSON object")
+        return payload
+
+    def check_claims(self, payload: dict) -> Claims:
+        """Claims from a signature-checked payload (RFC 7519 §4.1), else AUTH_FAILED."""
+        now = self.clock()
+        leeway = self.leeway
+        # RFC 7519 §4.1.4: "the current date/time MUST be before the expiration date/time".
+        exp = _numeric_date(payload, "exp")
+        if exp is not None and float(exp) + leeway <= now:
+            raise _refuse(f"token expired: exp {exp} is past (now {now:.0f}, leeway {leeway:g} s)")
+        # RFC 7519 §4.1.5: "the current date/time MUST be after or equal to the not-before date/time".
+        nbf = _numeric_date(payload, "nbf")
+        if nbf is not None and float(nbf) - leeway > now:
+            raise _refuse(f"token not valid yet: nbf {nbf} (now {now:.0f}, leeway {leeway:g} s)")
+        # RFC 7519 §4.1.6 says nothing of a future iat; RFC 8725 §3.10 asks for reasonable checks,
+        # and a token issued in the future is a clock or a forgery problem.
+        iat = _numeric_date(payload, "iat")
+        if iat is not None and float(iat) - leeway > now:
+            raise _refuse(f"token issued in the future: iat {iat} (now {now:.0f}, leeway {leeway:g} s)")
+        # The configured issuer and audience are not echoed: the client learns only that its own
+        # value does not match.
+        if self.issuer is not None:
+            iss = payload.get("iss")
+            if iss is None:
+                raise _refuse("token has no 'iss'; this server requires one")
+            if iss != self.issuer:
+                raise _refuse(f"'iss' {_show(iss)} is not this server's issuer")
+        if self.audience is not None:
+            # RFC 7519 §4.1.3: "each principal intended to process the JWT MUST identify itself
+            # with a value in the audience claim"; "aud" is one string or an array of strings.
+            aud = payload.get("aud")
+            if aud is None:
+                raise _refuse("token has no 'aud'; this server requires one")
+            audiences = [aud] if isinstance(aud, str) else aud
+            if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+                raise _refuse("'aud' is neither a string nor a list of strings")
+            if self.audience not in audiences:
+                raise _refuse(f"'aud' {_show(aud)} does not name this server's audience")
+        sub = payload.get("sub")
+        if sub is None:
+            raise _refuse("token has no 'sub' (the user id)")
+        if not isinstance(sub, str):
+            raise _refuse("'sub' is not a string")
+        if not sub:
+            raise _refuse("'sub' is empty")
+        return Claims(sub, exp, _pattern_claim(payload, "read"), _pattern_claim(payload, "write"))
+
+
+def _numeric_date(payload: dict, name: str) -> float | None:
+    """A NumericDate claim (RFC 7519 §2: "A JSON numeric value"), None when absent. Booleans
+    (an int in Python), strings and null are refused, so are values that are not finite."""
+    if name not in payload:
+        return None
+    value = payload[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _refuse(f"'{name}' is not a number (a NumericDate: seconds since 1970)")
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an int beyond the range of a double
+        finite = False
+    if not finite:
+        raise _refuse(f"'{name}' is not a finite number")
+    return value
+
+
+def _pattern_claim(payload: dict, name: str) -> tuple[str, ...] | None:
+    """The `read` or `write` claim: None when absent, else a list of topic patterns."""
+    if name not in payload:
+        return None
+    value = payload[name]
+    if not isinstance(value, list):
+        raise _refuse(f"'{name}' is not a list of topic patterns")
+    for index, pattern in enumerate(value):
+        try:
+            parse_pattern(pattern)
+        except ValueError as e:
+            raise _refuse(f"'{name}'[{index}] {e}") from None
+    return tuple(value)
+
+
+def build_verifier(
+    jwt_secret: str | None = None,
+    jwt_keys: str | bytes | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
+    leeway: float = JWT_LEEWAY,
+    clock: Callable[[], float] = time.time,
+) -> JWTVerifier | DemoVerifier:
+    """The verifier for the configuration: demo without a key, else JWT with the --jwt-secret key
+    (no kid) and the keys of the --jwt-keys text, both when both are given. ValueError."""
+    keys: list[Key] = []
+    if jwt_secret is not None:
+        keys.append(jwt_secret_key(jwt_secret))
+    if jwt_keys is not None:
+        keys.extend(load_jwk_set(jwt_keys))
+    if not keys:
+        if audience is not None or issuer is not None:
+            raise ValueError("--jwt-audience and --jwt-issuer need a JWT key (--jwt-secret or --jwt-keys)")
+        return DemoVerifier()
+    return JWTVerifier(keys, audience, issuer, leeway, clock)
+
+
+# --- ACL -------------------------------------------------------------------------------------------
+
+SUB_PLACEHOLDER = "{sub}"
+# A pattern with whitespace or a control character could never match a topic (section 7 refuses
+# such topics): it is a typo, refused where it is written.
+_BAD_PATTERN_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+class Pattern(NamedTuple):
+    """A parsed topic pattern: `text` is the exact topic, or the prefix without its `*`; it may
+    hold `{sub}`, replaced by the user's id when a connection's grants are compiled."""
+
+    text: str
+    prefix: bool
+
+
+def parse_pattern(pattern: Any) -> Pattern:
+    """An exact topic, a prefix ending in `*` (`prices.*`, `prices*`), or `*` (everything).
+    Else ValueError. The `*` is decided here, before `{sub}` is replaced: a user id holding a
+    `*` is matched literally, never as a wildcard."""
+    if not isinstance(pattern, str):
+        raise ValueError("is not a string")
+    if not pattern:
+        raise ValueError("is empty")
+    prefix = pattern.endswith("*")
+    text = pattern[:-1] if prefix else pattern
+    if "*" in text:
+        raise ValueError(f"{_show(pattern)}: '*' is allowed only as the last character")
+    if _BAD_PATTERN_CHAR.search(pattern):
+        raise ValueError(f"{_show(pattern)} holds whitespace or a control character (never in a topic)")
+    return Pattern(text, prefix)
+
+
+class Acl:
+    """The ACL file: per userId (or "*", everyone), the read and write patterns."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: dict[str, tuple[tuple[Pattern, ...], tuple[Pattern, ...]]]) -> None:
+        self._entries = entries
+
+    def patterns(self, user_id: str) -> tuple[list[Pattern], list[Pattern]]:
+        """(read, write) patterns that apply to `user_id`: its own entry and the "*" entry."""
+        read: list[Pattern] = []
+        write: list[Pattern] = []
+        for name in (user_id, "*") if user_id != "*" else ("*",):
+            entry = self._entries.get(name)
+            if entry is not None:
+                read.extend(entry[0])
+                write.extend(entry[1])
+        return read, write
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def load_acl(text: str | bytes) -> Acl:
+    """Parse the ACL file (--acl): a JSON object mapping a userId, or "*" for everyone, to
+    `{"read": [patterns], "write": [patterns]}` (either list may be left out: it grants nothing).
+    Strict: duplicate keys and unknown members (a "reads" typo) are errors. ValueError names
+    the entry."""
+    try:
+        doc = strict_json_loads(text)
+    except ValueError as e:
+        raise ValueError(f"ACL file: not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError('ACL file: expected a JSON object {"userId or *": {"read": [...], "write": [...]}}')
+    entries: dict[str, tuple[tuple[Pattern, ...], tuple[Pattern, ...]]] = {}
+    for user_id, entry in doc.items():
+        name = f"ACL file: {_show(user_id)}"
+        if not user_id:
+            raise ValueError(f"{name}: an empty userId matches no one")
+        if not isinstance(entry, dict):
+            raise ValueError(f'{name}: expected {{"read": [...], "write": [...]}}')
+        unknown = sorted(set(entry) - {"read", "write"})
+        if unknown:
+            raise ValueError(f"{name}: unknown member {_show(unknown[0])} (only 'read' and 'write')")
+        lists = []
+        for action in ("read", "write"):
+            patterns = entry.get(action, [])
+            if not isinstance(patterns, list):
+                raise ValueError(f"{name}.{action}: expected a list of topic patterns")
+            parsed = []
+            for index, pattern in enumerate(patterns):
+                try:
+                    parsed.append(parse_pattern(pattern))
+                except ValueError as e:
+                    raise ValueError(f"{name}.{action}[{index}] {e}") from None
+            lists.append(tuple(parsed))
+        entries[user_id] = (lists[0], lists[1])
+    return Acl(entries)
+
+
+class _Rule:
+    """One action's compiled patterns: everything, or a set of exact topics and a tuple of prefixes
+    (each prefix covered by a shorter one dropped, each exact topic a prefix covers dropped)."""
+
+    __slots__ = ("everything", "exact", "prefixes")
+
+    def __init__(self, patterns: Iterable[Pattern], user_id: str) -> None:
+        exact: set[str] = set()
+        prefixes: set[str] = set()
+        for pattern in patterns:
+            # str.replace is one pass over the pattern: a `*` or a "{sub}" inside the user id stays
+            # as it is, and it cannot turn an exact pattern into a prefix (that was decided above).
+            text = pattern.text.replace(SUB_PLACEHOLDER, user_id)
+            (prefixes if pattern.prefix else exact).add(text)
+        self.everything = "" in prefixes
+        kept: list[str] = []
+        for prefix in sorted(prefixes):  # a prefix sorts right after any shorter prefix of itself
+            if not kept or not prefix.startswith(kept[-1]):
+                kept.append(prefix)
+        self.prefixes = tuple(kept)
+        self.exact = frozenset(topic for topic in exact if not topic.startswith(self.prefixes))
+
+    def allows(self, topic: str) -> bool:
+        return self.everything or topic in self.exact or topic.startswith(self.prefixes)
+
+
+class Grants:
+    """What one connection may read and write: built once per setup or refresh from the ACL file
+    (the user's entry and "*") and the token's `read`/`write` claims, which add up.
+
+    The rule for "an ACL source exists" is per connection: it is restricted when the server has an
+    ACL file, or its token carries a `read` or a `write` claim (even an empty list). Restricted,
+    anything not granted is denied, both actions: a token that lists only `read` patterns can
+    publish nowhere. Unrestricted (no file, no such claim: plain auth), everything is allowed."""
+
+    __slots__ = ("user_id", "restricted", "_read", "_write")
+
+    def __init__(self, acl: Acl | None, user_id: str, claims: Claims | None = None) -> None:
+        read: list[Pattern] = []
+        write: list[Pattern] = []
+        restricted = acl is not None
+        if acl is not None:
+            read, write = acl.patterns(user_id)
+        if claims is not None:
+            if claims.read is not None:
+                restricted = True
+                read.extend(parse_pattern(p) for p in claims.read)
+            if claims.write is not None:
+                restricted = True
+                write.extend(parse_pattern(p) for p in claims.write)
+        self.user_id = user_id
+        self.restricted = restricted
+        self._read = _Rule(read, user_id)
+        self._write = _Rule(write, user_id)
+
+    def can_read(self, topic: str) -> bool:
+        """May subscribe to, replay, resume and ask presence of `topic`."""
+        return not self.restricted or self._read.allows(topic)
+
+    def can_write(self, topic: str) -> bool:
+        """May publish to `topic`."""
+        return not self.restricted or self._write.allows(topic)
+
+    def __repr__(self) -> str:
+        return f"Grants(user_id={self.user_id!r}, restricted={self.restricted})"
+
+
+# --- signing: RFC 8785 canonical JSON and HMAC-SHA256 ---------------------------------------------
+
+
+def _not_ijson(why: str) -> ClientError:
+    return ClientError("INVALID_MESSAGE", f"payload cannot be signed: {why}", field="payload")
+
+
+def es_number(value: float) -> str:
+    """A double as ECMAScript's Number.prototype.toString writes it (ECMA-262 Number::toString,
+    which RFC 8785 §3.2.2.3 adopts): shortest round-trip digits, plain notation for exponents
+    -7 < e < 21, else `d.ddde+N` / `d.ddde-N`; -0 is "0". NaN and infinities are not I-JSON."""
+    if not math.isfinite(value):
+        raise _not_ijson(f"{value!r} is not a finite number (RFC 8785 §3.2.2.3)")
+    if value == 0:
+        return "0"  # "If m is +0 or -0, return the String "0"."
+    if value.is_integer() and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+        return str(int(value))  # every digit exact; no shorter spelling reads back as this double
+    sign = "-" if value < 0 else ""
+    # repr is the shortest string that reads back as the same double (David Gay's algorithm, as
+    # ECMA-262 asks: "k is as small as possible"). Take its digits s and the n of s × 10^(n-k).
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = whole + fraction
+    n = len(whole) + (int(exponent) if exponent else 0)
+    stripped = digits.lstrip("0")
+    n -= len(digits) - len(stripped)
+    digits = stripped.rstrip("0")
+    k = len(digits)
+    if k <= n <= 21:  # an integer: the digits, then n - k zeros
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:  # the decimal point inside the digits
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:  # "0." then -n zeros, then the digits
+        return sign + "0." + "0" * -n + digits
+    e = n - 1
+    exponent = ("+" if e >= 0 else "-") + str(abs(e))
+    if k == 1:
+        return sign + digits + "e" + exponent
+    return sign + digits[0] + "." + digits[1:] + "e" + exponent
+
+
+# RFC 8785 §3.2.2.2: JSON.stringify's string rules. The two-character escapes for \b \t \n \f \r "
+# and \\, "\u00XX" with lowercase hex for the other controls below U+0020, and every other
+# character (DEL, non-ASCII, U+2028) as itself, to be sent as UTF-8.
+_JCS_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
+_JCS_ESCAPES = {chr(c): f"\\u{c:04x}" for c in range(0x20)}
+_JCS_ESCAPES.update({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"})
+
+
+def _jcs_string(text: str) -> str:
+    if _SURROGATE.search(text):  # RFC 7493 §2.1: I-JSON strings are Unicode text, no lone surrogates
+        raise _not_ijson("a string holds a lone surrogate (\\ud800-\\udfff), which is not I-JSON")
+    return '"' + _JCS_ESCAPE.sub(lambda m: _JCS_ESCAPES[m.group()], text) + '"'
+
+
+def _utf16_units(key: str) -> bytes:
+    # RFC 8785 §3.2.3: "property name strings to be sorted ... as arrays of UTF-16 code units";
+    # big-endian bytes compare in the same order as the units they spell.
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _jcs(value: Any, out: Callable[[str], Any]) -> None:
+    if value is None:
+        out("null")
+    elif value is True:
+        out("true")
+    elif value is False:
+        out("false")
+    elif isinstance(value, str):
+        out(_jcs_string(value))
+    elif isinstance(value, int):
+        if not -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+            raise _not_ijson("an integer beyond ±2^53 is not I-JSON (RFC 7493 §2.2)")
+        out(int.__repr__(value))  # exact: a double holds every integer up to 2^53
+    elif isinstance(value, float):
+        out(es_number(value))
+    elif isinstance(value, (list, tuple)):
+        out("[")
+        for index, item in enumerate(value):
+            if index:
+                out(",")
+            _jcs(item, out)
+        out("]")
+    elif isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise _not_ijson(f"an object key is a {type(key).__name__}, not a string")
+        out("{")
+        for index, key in enumerate(sorted(value, key=_utf16_units)):
+            if index:
+                out(",")
+            out(_jcs_string(key))
+            out(":")
+            _jcs(value[key], out)
+        out("}")
+    else:
+        raise _not_ijson(f"a {type(value).__name__} is not JSON")
+
+
+def canonical_json(value: Any) -> str:
+    """RFC 8785 (JCS) canonical JSON of `value` (None, bool, int, float, str, list, tuple, dict
+    with str keys): no whitespace, object members sorted by the UTF-16 code units of their names,
+    ECMAScript numbers and strings. What is not I-JSON raises ClientError INVALID_MESSAGE (field
+    "payload"): integers beyond ±2^53, non-finite floats, lone surrogates, other types."""
+    parts: list[str] = []
+    try:
+        _jcs(value, parts.append)
+    except RecursionError:
+        raise _not_ijson("it is nested too deeply") from None
+    return "".join(parts)
+
+
+def _message_mac(key: bytes, topic: str, seq_no: int, message_id: str, data: Any) -> bytes:
+    text = canonical_json([topic, seq_no, message_id, data])
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
+
+
+def sign_message(key: bytes, topic: str, seq_no: int, message_id: str, data: Any) -> str:
+    """`sig` of a message (SPEC 1.1 "Signing"): base64url without padding of HMAC-SHA256, under
+    `key`, of the UTF-8 bytes of the RFC 8785 canonical JSON of [topic, seqNo, messageId, data].
+    A `data` that is not I-JSON raises ClientError INVALID_MESSAGE (field "payload")."""
+    return b64url_encode(_message_mac(key, topic, seq_no, message_id, data))
+
+
+def verify_message(key: bytes, topic: str, seq_no: int, message_id: str, data: Any, sig: Any) -> bool:
+    """True if `sig` is the signature of the message under `key` (compared in constant time). A
+    `sig` that is not a string, or a `data` that could never have been signed, is False."""
+    if not isinstance(sig, str):
+        return False
+    try:
+        expected = sign_message(key, topic, seq_no, message_id, data)
+    except ClientError:
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), sig.encode("utf-8", "replace"))
+
+
+class SigningKeys:
+    """The message-signing keys (--sign-key KID=SECRET, repeatable): the first signs, every one
+    verifies, so a key can be rotated in (first) while subscribers still hold the old one. The
+    repr shows the kids only."""
+
+    __slots__ = ("kid", "_keys")
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        self._keys: dict[str, bytes] = {}
+        for kid, secret in keys:
+            if not isinstance(kid, str) or not kid or _BAD_PATTERN_CHAR.search(kid):
+                raise ValueError(f"--sign-key: the kid {_show(kid)} must be non-empty, without whitespace or control characters")
+            if kid in self._keys:
+                raise ValueError(f"--sign-key: the kid {kid!r} is given twice")
+            if len(secret) < MIN_HMAC_KEY_BYTES:
+                raise ValueError(
+                    f"--sign-key {kid}: the secret is {len(secret)} bytes; at least {MIN_HMAC_KEY_BYTES} are needed (HMAC-SHA256, RFC 7518 §3.2)"
+                )
+            self._keys[kid] = bytes(secret)
+        if not self._keys:
+            raise ValueError("--sign-key: no key given")
+        self.kid = next(iter(self._keys))  # the signing key's id
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> SigningKeys:
+        """From `KID=SECRET` strings; SECRET is the UTF-8 bytes after the first "=". ValueError."""
+        keys = []
+        for spec in specs:
+            kid, sep, secret = spec.partition("=")
+            if not sep:
+                raise ValueError("--sign-key: expected KID=SECRET (no '=' found)")  # not echoed: it may be a secret
+            try:
+                keys.append((kid, secret.encode("utf-8")))
+            except UnicodeEncodeError:
+                raise ValueError(f"--sign-key {_show(kid)}: the secret is not valid text") from None
+        return cls(keys)
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def sign(self, topic: str, seq_no: int, message_id: str, data: Any) -> tuple[str, str]:
+        """(kid, sig) of a message under the signing key; ClientError INVALID_MESSAGE if `data` is not I-JSON."""
+        return self.kid, sign_message(self._keys[self.kid], topic, seq_no, message_id, data)
+
+    def verify(self, kid: Any, sig: Any, topic: str, seq_no: int, message_id: str, data: Any) -> bool:
+        """True if `sig` verifies under the known key `kid` (an unknown kid is False)."""
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        return key is not None and verify_message(key, topic, seq_no, message_id, data, sig)
+
+    def __repr__(self) -> str:
+        return f"SigningKeys(kids={self.kids!r})"
+
+
+# --- the server's auth, from its Config -----------------------------------------------------------
+
+AUTH_ENTRY_POINTS = ("setup", "refresh", "http")  # where a token is presented (refusals are counted by it)
+
+
+def demo_auth(config: Config) -> bool:
+    """True when no JWT key is configured: any non-empty token is the userId."""
+    return not (config.jwt_secret or config.jwt_keys)
+
+
+def demo_publish(config: Config) -> bool:
+    """GET /demo/publish publishes without a token: on with demo auth, off with JWT, unless --demo/--no-demo say."""
+    return demo_auth(config) if config.demo is None else config.demo
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
+class Auth:
+    """One server's auth: its token verifier, ACL file and signing keys, built from its Config
+    (ValueError, with the words the command line prints, for a bad key, file or leeway).
+    `wall` is Unix time, which `exp`, `nbf` and `iat` are in; tests replace it."""
+
+    def __init__(self, config: Config, wall: Callable[[], float] = time.time) -> None:
+        self.wall = wall
+        self.leeway = float(config.jwt_leeway)
+        keys = _read_file(config.jwt_keys, "JWK Set (--jwt-keys)") if config.jwt_keys else None
+        self.verifier = build_verifier(config.jwt_secret, keys, config.jwt_audience, config.jwt_issuer, config.jwt_leeway, lambda: self.wall())
+        self.demo = self.verifier.demo
+        self.acl = load_acl(_read_file(config.acl, "ACL file (--acl)")) if config.acl else None
+        self.signing = SigningKeys.parse(config.sign_keys) if config.sign_keys else None
+        self.refusals: collections.Counter = collections.Counter()  # by entry point
+
+    def verify(self, token: Any) -> Claims:
+        """The token's Claims, or ClientError AUTH_FAILED with the reason."""
+        return self.verifier.verify(token)
+
+    def grants(self, user_id: str, claims: Claims | None = None) -> Grants | None:
+        """What `user_id` may read and write, or None when no ACL source applies (everything)."""
+        if self.acl is None and (claims is None or (claims.read is None and claims.write is None)):
+            return None
+        return Grants(self.acl, user_id, claims)
+
+    def refused(self, where: str, reason: str) -> None:
+        """Count a refused token and log why (never the token), so an operator can see it."""
+        self.refusals[where] += 1
+        log.info("refused a token (%s): %s", where, reason)
+
+    def sign(self, topic: str, seq_no: int, message_id: str, data: bytes) -> tuple[str, str]:
+        """(kid, sig) of a message whose `data` is already canonical JSON (the broker made it so):
+        the canonical array is its elements' canonical forms joined by commas, so the payload is
+        not canonicalised again per message."""
+        text = b"".join((b"[", canonical_json(topic).encode(), b",", str(seq_no).encode(), b",", canonical_json(message_id).encode(), b",", data, b"]"))
+        signing = self.signing
+        return signing.kid, b64url_encode(hmac.new(signing._keys[signing.kid], text, hashlib.sha256).digest())
 
 
 # === 12. Broker ===================================================================================
@@ -1641,6 +2616,8 @@ class Client:
         "rate_tokens",
         "rate_time",
         "replay_credit",
+        "grants",
+        "expires",
     )
 
     def __init__(self, broker: Broker, bound_topic: str | None = None) -> None:
@@ -1660,6 +2637,8 @@ class Client:
         # Bytes of replayed messages not yet known to have drained: a long replay is not a sign
         # of a slow reader, so the slow-consumer check leaves them out (section 15).
         self.replay_credit = 0
+        self.grants: Grants | None = None  # what it may read and write; None: everything (no ACL source)
+        self.expires: float | None = None  # on the broker's clock: past it, close 4003 (token expired)
 
     def send(self, frame: bytes) -> None:
         """Queue one frame, after everything queued before it."""
@@ -1736,6 +2715,10 @@ def _topic_locked(client: Client, **context: Any) -> ClientError:
 AMPLIFYING = frozenset(("replay", "resume", "presence"))
 
 
+def _acl_denied(action: str, topic: str, message: str | None = None, **context: Any) -> ClientError:
+    return ClientError("ACL_DENIED", message or f"not allowed to {action} this topic", topic=topic, **context)
+
+
 def _error_frame(exc: ClientError, msg_id: Any) -> bytes:
     return text_frame(encode(error_message(exc.code, exc.message, msg_id, **exc.context)))
 
@@ -1754,8 +2737,16 @@ class Broker:
         self.backbone = backbone
         self.wake = wake
         self.clock = clock
+        self.auth = Auth(config)
+        # Bytes a signature adds to a message: ,"kid":"...","sig":"..." (43 characters of base64url).
+        self._signature_size = len(utf8(f',"kid":{_quote(self.auth.signing.kid)},"sig":""')) + 43 if self.auth.signing else 0
         self.topics = TopicStore()
         self.feeds: dict[str, Feed] = {}  # topic -> Feed, for the topics this process receives
+        self.users: collections.Counter = collections.Counter()  # userId -> set-up connections here
+        # (deadline on this clock, n, client): tokens that expire, soonest first; a refresh pushes a
+        # new entry and the old one is skipped when it comes up (no timer object per connection).
+        self.expiries: list[tuple[float, int, Client]] = []
+        self._expiry_order = itertools.count()
         self.dirty: list[Client] = []
         self.connections = 0
         self.published = 0
@@ -1804,6 +2795,10 @@ class Broker:
                 trusted = reliable and feed is not None and feed.epoch == position.epoch and topic in client.topics
                 position.handed = feed.seq if trusted else None
             self.backbone.detach_session(session.id, client, session.positions, self.clock())
+        if client.user_id is not None:
+            self.users[client.user_id] -= 1
+            if not self.users[client.user_id]:
+                del self.users[client.user_id]
         topics = list(client.topics)
         emptied = self.topics.remove_client(client)
         for topic in topics:
@@ -1844,8 +2839,36 @@ class Broker:
         self._unflushed.clear()
 
     def sweep(self, now: float | None = None) -> None:
-        """Once a second: let the backbone expire sessions, history, dedup and idle topics."""
-        self.backbone.sweep(self.clock() if now is None else now)
+        """Once a second: close connections whose token expired (4003), and let the backbone
+        expire sessions, history, dedup and idle topics."""
+        now = self.clock() if now is None else now
+        expiries = self.expiries
+        while expiries and expiries[0][0] <= now:
+            deadline, _, client = heapq.heappop(expiries)
+            if client.expires == deadline and client.broker is self and client.close_request is None:
+                log.info("closing a connection of %r: its token expired and was not refreshed", client.user_id)
+                self.request_close(client, CloseCode.TOKEN_EXPIRED)
+        self.backbone.sweep(now)
+
+    def _set_expiry(self, client: Client, exp: float | None) -> None:
+        """The token's `exp` (Unix time) as a deadline on this broker's clock, leeway included."""
+        if exp is None:
+            client.expires = None
+            return
+        deadline = client.expires = self.clock() + (exp + self.auth.leeway - self.auth.wall())
+        heapq.heappush(self.expiries, (deadline, next(self._expiry_order), client))
+
+    def _identify(self, token: Any, where: str) -> Claims:
+        """Verify a token (setup, refresh): its Claims, or AUTH_FAILED, logged and counted."""
+        try:
+            return self.auth.verify(token)
+        except ClientError as exc:
+            self.auth.refused(where, exc.message)
+            raise
+
+    def _may_read(self, client: Client, topic: str, **context: Any) -> None:
+        if client.grants is not None and not client.grants.can_read(topic):
+            raise _acl_denied("read", topic, **context)
 
     # -- called by the backbone
 
@@ -2120,7 +3143,12 @@ class Broker:
     def _setup(self, client: Client, msg: dict) -> None:
         if client.user_id is not None:
             raise ClientError("ALREADY_SETUP", "this connection is already set up")
-        user_id = authenticate(msg.get("token"))
+        claims = self._identify(msg.get("token"), "setup")
+        user_id = claims.sub
+        grants = self.auth.grants(user_id, claims)
+        limit = self.config.max_connections_per_user
+        if limit and self.users[user_id] >= limit:
+            raise ClientError("TOO_MANY_CONNECTIONS", f"{user_id!r} has {limit} connections already (the per-user limit)", field="token")
         topics = [] if client.bound_topic is None else [client.bound_topic]
         requested = msg.get("topics")
         if requested is not None:
@@ -2134,10 +3162,17 @@ class Broker:
                     topics.append(topic)
         if len(topics) > self.config.max_subscriptions:
             raise self._too_many_subscriptions(field="topics")
+        if grants is not None:
+            for topic in topics:
+                if not grants.can_read(topic):
+                    raise _acl_denied("read", topic, field="topics")
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
+        client.grants = grants
+        self.users[user_id] += 1
+        self._set_expiry(client, claims.exp)
         session = client.session = Session(secrets.token_urlsafe(16), user_id)  # 128 random bits
-        ready = self._frame(msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.backbone.epoch, "expiresAt": None})
+        ready = self._frame(msg, {"type": "ready", "sessionId": session.id, "userId": user_id, "epoch": self.backbone.epoch, "expiresAt": claims.exp})
         slot = self._reserve(client)
 
         def created(result: ClientError | None) -> None:
@@ -2162,6 +3197,7 @@ class Broker:
 
     def _subscribe(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
+        self._may_read(client, topic)
         if topic not in client.topics and len(client.topics) >= self.config.max_subscriptions:
             raise self._too_many_subscriptions(topic=topic)
         self._subscribe_to(client, topic, msg)
@@ -2195,6 +3231,8 @@ class Broker:
     def _publish(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         message_id = self.check_message_id(msg.get("messageId"), topic)
+        if client.grants is not None and not client.grants.can_write(topic):
+            raise _acl_denied("write", topic, messageId=message_id)
         rate = self.config.publish_rate
         if rate:
             # Token bucket: refilled at `rate` per second up to `publish_burst`. A refused publish
@@ -2233,15 +3271,19 @@ class Broker:
             self.published += 1
 
     def publish_checked(
-        self, user_id: str, topic: Any, message_id: Any, data: Any, id_prefix: str, done: Callable[[PublishResult | ClientError], None]
+        self, user_id: str, topic: Any, message_id: Any, data: Any, id_prefix: str, done: Callable[[PublishResult | ClientError], None],
+        grants: Grants | None = None,
     ) -> None:
-        """Check topic, messageId (one is generated, `id_prefix`-..., when None) and data, then
-        publish; done(PublishResult or ClientError). For publishers other than a WebSocket
-        client: POST /publish, /demo/publish and Server.publish. A refused check raises."""
+        """Check topic, messageId (one is generated, `id_prefix`-..., when None), the publisher's
+        grants (None: no ACL applies) and data, then publish; done(PublishResult or ClientError).
+        For publishers other than a WebSocket client: POST /publish, /demo/publish and
+        Server.publish. A refused check raises."""
         topic = check_topic(topic, self.config.max_topic_length)
         if message_id is None:
             message_id = f"{id_prefix}-{secrets.token_hex(8)}"
         message_id = self.check_message_id(message_id, topic)
+        if grants is not None and not grants.can_write(topic):
+            raise _acl_denied("write", topic, messageId=message_id)
         data = self._payload(topic, message_id, data)
 
         def counted(result: PublishResult | ClientError) -> None:
@@ -2254,12 +3296,21 @@ class Broker:
     def _payload(self, topic: str, message_id: str, payload: Any) -> bytes:
         """The payload as UTF-8 JSON, refused when the `message` it makes would be over the message
         size limit: no subscriber, replay or resume is ever sent a frame a client may not take."""
-        data = encode_payload(payload)
+        if self.auth.signing:
+            # Signed: the payload is sent as its RFC 8785 canonical JSON (the same value), so the
+            # signature is computed over bytes the message carries; not I-JSON is INVALID_MESSAGE.
+            try:
+                data = canonical_json(payload).encode()
+            except ClientError as exc:
+                raise ClientError(exc.code, exc.message, field="payload", topic=topic, messageId=message_id) from None
+        else:
+            data = encode_payload(payload)
         limit = self.config.max_message_size
+        extra = self._signature_size
         # Counted exactly only when it could matter: a topic character is at most 4 bytes in the
         # frame, a messageId character at most 6 (a \\u escape).
-        if len(data) + _MESSAGE_OVERHEAD + 4 * len(topic) + 6 * len(message_id) + 4 > limit and (
-            size := message_size(topic, message_id, data)
+        if len(data) + _MESSAGE_OVERHEAD + extra + 4 * len(topic) + 6 * len(message_id) + 4 > limit and (
+            size := message_size(topic, message_id, data) + extra
         ) > limit:
             raise ClientError(
                 "INVALID_MESSAGE",
@@ -2282,6 +3333,7 @@ class Broker:
 
     def _replay(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
+        self._may_read(client, topic)
         from_seq = require(msg, "fromSeq", int, "an integer >= 1")
         if from_seq < 1:
             raise ClientError("INVALID_MESSAGE", "'fromSeq' must be an integer >= 1", field="fromSeq", topic=topic)
@@ -2350,6 +3402,12 @@ class Broker:
             topics = dict.fromkeys(list(session.positions) + list(given) + list(client.topics))
             if client.bound_topic is not None and any(t != client.bound_topic for t in topics):
                 raise _topic_locked(client, field="sessionId")
+            if client.grants is not None:
+                # Each topic is checked again: what this token may not read is left out, each
+                # with its own ACL_DENIED before `resumed`.
+                for topic in [t for t in topics if not client.grants.can_read(t)]:
+                    del topics[topic]
+                    resume.denied.append(_error_frame(_acl_denied("read", topic, field="sessionId"), msg.get("id")))
             if len(topics) > self.config.max_subscriptions:
                 raise self._too_many_subscriptions(field="sessionId")
             resume.topics = list(topics)
@@ -2427,12 +3485,12 @@ class Broker:
         resume.pending -= 1
         if resume.pending:
             return
-        frames = [frame for topic in resume.topics for frame in resume.frames.get(topic, ())]
+        frames = resume.denied + [frame for topic in resume.topics for frame in resume.frames.get(topic, ())]
         reply = {
             "type": "resumed",
             "sessionId": resume.session_id,
             "topics": resume.topics,
-            "replayed": len(frames),
+            "replayed": len(frames) - len(resume.denied),
             "missed": resume.missed,
             "epochs": resume.topic_epochs,
         }
@@ -2457,17 +3515,29 @@ class Broker:
             self.ack_latency.observe(self.clock() - published_at)
 
     def _refresh(self, client: Client, msg: dict) -> None:
-        user_id = authenticate(msg.get("token"))
-        if user_id != client.user_id:
+        claims = self._identify(msg.get("token"), "refresh")
+        if claims.sub != client.user_id:
+            self.auth.refused("refresh", "the new token names another user")
             raise ClientError("AUTH_FAILED", "the new token names another user", field="token")
-        self._reply(client, msg, {"type": "refreshed", "expiresAt": None})
+        client.grants = grants = self.auth.grants(claims.sub, claims)
+        self._set_expiry(client, claims.exp)
+        self._reply(client, msg, {"type": "refreshed", "expiresAt": claims.exp})
+        if grants is not None:
+            # The new grants replace the old: a subscription they do not cover ends here.
+            for topic in [t for t in client.topics if not grants.can_read(t)]:
+                self._leave_topic(client, topic)
+                if client.session.positions.pop(topic, None) is not None:
+                    self.backbone.track(client.session.id, topic, None)
+                self._error(client, _acl_denied("read", topic, message="the refreshed token may not read it: the subscription ended"))
 
     def _presence(self, client: Client, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
+        self._may_read(client, topic)
         slot = self._reserve(client)
+        limit = self.config.max_presence
 
         def presence(users: list[str]) -> list[bytes]:
-            return [self._frame(msg, {"type": "presence", "topic": topic, "users": users, "count": len(users)})]
+            return [self._frame(msg, {"type": "presence", "topic": topic, "users": users[:limit], "count": len(users)})]
 
         self.backbone.presence(topic, self._answer(client, slot, msg, presence))
 
@@ -2493,6 +3563,7 @@ class Broker:
             "dedup": shared["dedup"],
             "latency": {"delivery": self.delivery_latency.summary(), "ack": self.ack_latency.summary()},
             "errors": dict(self.errors),
+            "auth_refused": {where: self.auth.refusals[where] for where in AUTH_ENTRY_POINTS},
             "disconnects": {str(k): v for k, v in sorted(self.disconnects.items(), key=str)},
         }
 
@@ -2517,6 +3588,10 @@ class Broker:
         metric("duplicates_total", "counter", "Publishes answered as duplicates.", [("", self.duplicates)])
         metric("errors_total", "counter", "Error replies by code.", [(f'{{code="{c}"}}', n) for c, n in sorted(self.errors.items())])
         metric(
+            "auth_refusals_total", "counter", "Tokens refused, by where they were presented (the reason is in the log).",
+            [(f'{{where="{where}"}}', self.auth.refusals[where]) for where in AUTH_ENTRY_POINTS],
+        )
+        metric(
             "disconnects_total", "counter", "Closed WebSocket connections by close code (1006: no close frame).",
             [(f'{{code="{c}"}}', n) for c, n in sorted(self.disconnects.items(), key=str)],
         )
@@ -2537,7 +3612,10 @@ class Broker:
 class _Resume:
     """The state of one resume while its steps complete."""
 
-    __slots__ = ("client", "slot", "msg", "session_id", "given", "epochs", "topics", "session", "live", "pending", "frames", "missed", "topic_epochs")
+    __slots__ = (
+        "client", "slot", "msg", "session_id", "given", "epochs", "topics", "session", "live", "pending", "frames", "missed",
+        "topic_epochs", "denied",
+    )
 
     def __init__(self, client: Client, slot: Slot, msg: dict, session_id: str, given: dict, epochs: dict) -> None:
         self.client = client
@@ -2553,6 +3631,7 @@ class _Resume:
         self.frames: dict[str, list[bytes]] = {}
         self.missed: list[dict] = []
         self.topic_epochs: dict[str, str] = {}
+        self.denied: list[bytes] = []  # ACL_DENIED errors of topics this token may not read
 
 
 # === 13. Backbones ================================================================================
@@ -2626,7 +3705,8 @@ class MemoryBackbone:
             return
         epoch = self._topic(topic, now)
         seq = self._seq[topic] = self._seq[topic] + 1
-        frame = message_frame(topic, seq, message_id, data)
+        auth = self.broker.auth
+        frame = message_frame(topic, seq, message_id, data, auth.sign(topic, seq, message_id, data) if auth.signing else None)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
         done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
@@ -2839,7 +3919,7 @@ class App:
             (re.compile(r"/asyncapi\.json\Z"), get, self.asyncapi_json),
             (re.compile(r"/publish\Z"), ("POST",), self.post_publish),
         ]
-        if config.demo:  # GET only: a HEAD must not publish
+        if demo_publish(config):  # GET only: a HEAD must not publish
             self.routes.append((re.compile(r"/demo/publish/(?P<topic>.+)\Z"), ("GET",), self.demo_publish))
         if config.echo:
             self.routes.append((re.compile(r"/echo\Z"), get, self.echo))
@@ -2937,11 +4017,14 @@ class App:
     def post_publish(self, request: Request) -> Response:
         scheme, _, token = (request.header("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            self.broker.auth.refused("http", "no bearer token")
             raise HTTPError(401, "send Authorization: Bearer <token>", [("WWW-Authenticate", "Bearer")])
         try:
-            user_id = authenticate(token.strip())
+            claims = self.broker.auth.verify(token.strip())
         except ClientError as exc:
+            self.broker.auth.refused("http", exc.message)
             raise HTTPError(401, exc.message, [("WWW-Authenticate", 'Bearer error="invalid_token"')]) from None
+        user_id, grants = claims.sub, self.broker.auth.grants(claims.sub, claims)
         try:
             body = _decode(request.body.decode())
         except (ValueError, RecursionError):
@@ -2950,9 +4033,11 @@ class App:
             raise HTTPError(400, 'body must be a JSON object {"topic", "messageId"?, "data"}')
         return self._publish(user_id, body.get("topic"), body.get("messageId"), body.get("data"), lambda r: {
             "status": r.status, "messageId": r.message_id, "seqNo": r.seq_no,
-        })
+        }, grants)
 
-    def _publish(self, user_id: str, topic: Any, message_id: Any, data: Any, answer: Callable[[PublishResult], dict]) -> PendingResponse:
+    def _publish(
+        self, user_id: str, topic: Any, message_id: Any, data: Any, answer: Callable[[PublishResult], dict], grants: Grants | None = None
+    ) -> PendingResponse:
         """Publish through the broker; the response is answer(result) once the backbone has it."""
         pending = PendingResponse()
 
@@ -2964,9 +4049,9 @@ class App:
                 pending.resolve(json_response(200, answer(result)))
 
         try:
-            self.broker.publish_checked(user_id, topic, message_id, data, "http", done)
+            self.broker.publish_checked(user_id, topic, message_id, data, "http", done, grants)
         except ClientError as exc:
-            raise HTTPError(400, exc.message) from None
+            raise HTTPError(403 if exc.code == "ACL_DENIED" else 400, exc.message) from None
         return pending
 
 
@@ -3047,7 +4132,7 @@ def openapi_document(config: Config) -> dict:
             }
         },
     }
-    if config.demo:
+    if demo_publish(config):
         paths["/demo/publish/{topic}"] = {
             "get": {
                 "summary": "Publish the query parameters (values stay strings) as a message from user 'demo'",
@@ -3129,7 +4214,12 @@ def protocol_limits(config: Config) -> dict:
         "setupTimeout": config.setup_timeout,
         "pingInterval": config.ping_interval,
         "pingTimeout": config.ping_timeout,
-        "demoPublish": config.demo,
+        "demoPublish": demo_publish(config),
+        "maxPresence": config.max_presence,
+        "maxConnectionsPerUser": config.max_connections_per_user,
+        "jwtLeeway": config.jwt_leeway,
+        "demoAuth": demo_auth(config),
+        "signing": bool(config.sign_keys),
         "echo": config.echo,
     }
 
@@ -3238,6 +4328,7 @@ def openapi_html(doc: dict) -> str:
 # up what every connection holds (`buffered`): over --max-buffered, the largest holders are closed.
 
 TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout above
+_CLOSE_REASONS = {CloseCode.SESSION_TAKEN_OVER: "session taken over by another connection", CloseCode.TOKEN_EXPIRED: "token expired"}
 
 
 class ServerConnection(Client, asyncio.Protocol):
@@ -3473,7 +4564,7 @@ class ServerConnection(Client, asyncio.Protocol):
         """
         if self.close_request is not None:
             code, self.close_request = self.close_request, None
-            self.close_websocket(code, "session taken over by another connection" if code == CloseCode.SESSION_TAKEN_OVER else "")
+            self.close_websocket(code, _CLOSE_REASONS.get(code, ""))
             return
         if self.lost or self.broker is None or not self.out:
             return
@@ -3619,6 +4710,11 @@ class Server:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = self.loop.call_later(TICK, self._tick)
+        if self.broker.auth.demo:
+            log.warning("demo auth: any non-empty token is accepted and becomes the userId; "
+                        "give --jwt-secret or --jwt-keys before this server faces the internet")
+        if demo_publish(self.config) and not self.broker.auth.demo:
+            log.warning("--demo: GET /demo/publish publishes without a token")
 
     @property
     def url(self) -> str:
@@ -3626,12 +4722,14 @@ class Server:
         scheme = "https" if self.config.certfile else "http"
         return f"{scheme}://{host}:{self.port}"
 
-    def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str = "server") -> asyncio.Future:
+    def publish(self, topic: str, data: Any, message_id: str | None = None, user_id: str | None = None) -> asyncio.Future:
         """Publish from Python code, with the same checks, seqNo and dedup as a client publish.
 
         Returns a future of the PublishResult: `await server.publish(...)`. The publish is sent at
-        once, awaited or not. A bad topic, messageId or payload raises ValueError here; a failure
-        of the backbone is raised by the future.
+        once, awaited or not. Without `user_id` it publishes as "server", past any ACL; naming a
+        user applies that user's grants from the ACL file (PermissionError when denied). A bad
+        topic, messageId or payload raises ValueError here; a failure of the backbone is raised
+        by the future.
         """
         future = self.loop.create_future()
 
@@ -3643,10 +4741,11 @@ class Server:
             else:
                 future.set_result(result)
 
+        grants = None if user_id is None else self.broker.auth.grants(user_id)
         try:
-            self.broker.publish_checked(user_id, topic, message_id, data, "py", done)
+            self.broker.publish_checked("server" if user_id is None else user_id, topic, message_id, data, "py", done, grants)
         except ClientError as exc:
-            raise ValueError(exc.message) from None
+            raise (PermissionError if exc.code == "ACL_DENIED" else ValueError)(exc.message) from None
         return future
 
     def _schedule_flush(self) -> None:
@@ -3789,7 +4888,16 @@ class Config:
     certfile: str = ""
     keyfile: str = ""
     echo: bool = False
-    demo: bool = True
+    demo: bool | None = None  # GET /demo/publish: None = on with demo auth, off with JWT
+    jwt_secret: str | None = dataclasses.field(default=None, repr=False)
+    jwt_keys: str | None = None  # path of a JWK Set file
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = JWT_LEEWAY
+    acl: str | None = None  # path of the ACL file
+    sign_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # "KID=SECRET", the first signs
+    max_presence: int = MAX_PRESENCE
+    max_connections_per_user: int = 0  # 0 = no limit
 
     def __post_init__(self) -> None:
         """Refuse a configuration that cannot work, with the same words the CLI uses (ValueError)."""
@@ -3816,6 +4924,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-connections", "max_connections", int, "open WebSocket connections; over it: HTTP 503"),
     ("--max-pending", "max_pending", int, "TCP connections that are not WebSocket (yet); over it the oldest is closed"),
     ("--max-buffer", "max_buffer", int, "unsent bytes per connection; over it: close 4001 (slow consumer)"),
+    ("--max-connections-per-user", "max_connections_per_user", int, "set-up connections per userId (0 = no limit); over it: setup gets TOO_MANY_CONNECTIONS"),
+    ("--max-presence", "max_presence", int, "users listed in a presence answer (its count stays exact)"),
+    ("--jwt-secret", "jwt_secret", str, "HS256 key: the UTF-8 bytes of SECRET, at least 32; turns demo auth off"),
+    ("--jwt-keys", "jwt_keys", str, "a JWK Set file: oct keys (HS256) and RSA keys (RS256, 2048 bits or more), each with an optional kid; turns demo auth off"),
+    ("--jwt-audience", "jwt_audience", str, "the aud a token must name"),
+    ("--jwt-issuer", "jwt_issuer", str, "the iss a token must name"),
+    ("--jwt-leeway", "jwt_leeway", float, "seconds of clock skew allowed for exp, nbf and iat"),
+    ("--acl", "acl", str, "the ACL file: JSON, userId or \"*\" -> {\"read\": [patterns], \"write\": [patterns]}; once given, what is not granted is denied"),
     ("--max-buffered", "max_buffered", int, "bytes held for all clients together (unfinished input, unsent output); over it the largest holders are closed: 4001 for output, 1013 for an unfinished message"),
     ("--dedup-window", "dedup_window", float, "seconds a messageId is remembered per user"),
     ("--dedup-per-user", "dedup_per_user", int, "messageIds remembered per user (oldest forgotten first)"),
@@ -3860,12 +4976,16 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for flag, field, kind, text in _OPTIONS:
         default = os.environ.get(_env(field), getattr(defaults, field))
-        parser.add_argument(flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{text} [{_env(field)}] (default: %(default)s)")
+        shown = "unset" if field == "jwt_secret" else "%(default)s"  # a secret is never printed
+        parser.add_argument(flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{text} [{_env(field)}] (default: {shown})")
     origins = os.environ.get("MICROSOCKET_ALLOWED_ORIGINS", "")
     parser.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=None, metavar="ORIGIN", help="accept WebSocket handshakes only from this Origin (repeatable); others get HTTP 403; requests without Origin (non-browser clients) are accepted [MICROSOCKET_ALLOWED_ORIGINS, comma-separated] (default: any origin)")
     parser.set_defaults(allowed_origins_env=tuple(o.strip() for o in origins.split(",") if o.strip()))
     parser.add_argument("--echo", action="store_true", default=_env_flag("echo", False), help="serve ws://.../echo, which echoes every message, for Autobahn|Testsuite [MICROSOCKET_ECHO] (default: %(default)s)")
-    parser.add_argument("--no-demo", dest="demo", action="store_false", default=_env_flag("demo", True), help="turn off GET /demo/publish/{topic} [MICROSOCKET_DEMO=0] (default: demo on)")
+    demo = os.environ.get("MICROSOCKET_DEMO")
+    parser.add_argument("--demo", dest="demo", action="store_const", const=True, default=None if demo is None else _env_flag("demo", True), help="turn GET /demo/publish/{topic} on, even with JWT auth (it publishes without a token) [MICROSOCKET_DEMO=1] (default: on with demo auth, off with JWT)")
+    parser.add_argument("--no-demo", dest="demo", action="store_const", const=False, help="turn GET /demo/publish/{topic} off [MICROSOCKET_DEMO=0]")
+    parser.add_argument("--sign-key", dest="sign_keys", action="append", default=None, metavar="KID=SECRET", help="sign every message with HMAC-SHA256 under SECRET (UTF-8, at least 32 bytes), named KID; repeatable: the first signs, all are listed for rotation [MICROSOCKET_SIGN_KEYS, comma-separated] (default: no signing)")
     parser.add_argument("--log-level", default=os.environ.get("MICROSOCKET_LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, help="log verbosity [MICROSOCKET_LOG_LEVEL] (default: %(default)s)")
     parser.add_argument("--version", action="version", version=f"microsocket {__version__}")
     return parser
@@ -3875,6 +4995,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["allowed_origins"] = tuple(args.allowed_origins) if args.allowed_origins else args.allowed_origins_env
+    keys = os.environ.get("MICROSOCKET_SIGN_KEYS", "")
+    values["sign_keys"] = tuple(args.sign_keys) if args.sign_keys else tuple(k.strip() for k in keys.split(",") if k.strip())
     return Config(**values)
 
 
@@ -3952,6 +5074,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        Auth(config)  # keys, ACL file and signing keys are read and checked before listening
     except ValueError as exc:
         return _usage_error(str(exc))
     try:
