@@ -25,8 +25,10 @@ direct reply carries it back; replies keep the order of requests. Topics are seq
 (seqNo 1, 2, ... within the topic's epoch), deduplicated per user by messageId, and kept in a
 bounded history for replay. The shared state sits behind a backbone (in this process's memory).
 
-What it does not do (yet): JWT auth and ACLs, signed messages, permessage-deflate, several
-processes sharing one Redis. Demo auth accepts any non-empty token as the userId.
+Auth: demo auth (any non-empty token is the userId) until a JWT key is given (--jwt-secret,
+--jwt-keys: HS256, RS256); then tokens are verified, ACLs apply (--acl, read/write claims), tokens
+expire (close 4003) and `refresh` renews them; --sign-key signs every message (RFC 8785, HMAC).
+What it does not do (yet): permessage-deflate, several processes sharing one Redis.
 
 Embedding it in an asyncio program::
 
@@ -42,7 +44,7 @@ Contents (each section uses only those above it; grep for "# === N."):
      2. Errors              8. Topic store                   14. HTTP routes
      3. Frame codec         9. Dedup                         15. Server I/O (asyncio)
      4. HTTP/1.1           10. History and sessions          16. Command line
-     5. WebSocket handshake 11. Auth
+     5. WebSocket handshake 11. Auth, ACL, signing
 """
 
 from __future__ import annotations
