@@ -2334,6 +2334,14 @@ class SigningKeys:
         return f"SigningKeys(kids={self.kids!r})"
 
 
+def sign_canonical(signing: SigningKeys, topic: str, seq_no: int, message_id: str, data: bytes) -> tuple[str, str]:
+    """(kid, sig) of a message whose `data` is already canonical JSON (the broker made it so):
+    the canonical array is its elements' canonical forms joined by commas, so the payload is not
+    canonicalised again per message."""
+    text = b"".join((b"[", canonical_json(topic).encode(), b",", str(seq_no).encode(), b",", canonical_json(message_id).encode(), b",", data, b"]"))
+    return signing.kid, b64url_encode(hmac.new(signing._keys[signing.kid], text, hashlib.sha256).digest())
+
+
 # --- the server's auth, from its Config -----------------------------------------------------------
 
 AUTH_ENTRY_POINTS = ("setup", "refresh", "http")  # where a token is presented (refusals are counted by it)
@@ -2388,12 +2396,7 @@ class Auth:
         log.info("refused a token (%s): %s", where, reason)
 
     def sign(self, topic: str, seq_no: int, message_id: str, data: bytes) -> tuple[str, str]:
-        """(kid, sig) of a message whose `data` is already canonical JSON (the broker made it so):
-        the canonical array is its elements' canonical forms joined by commas, so the payload is
-        not canonicalised again per message."""
-        text = b"".join((b"[", canonical_json(topic).encode(), b",", str(seq_no).encode(), b",", canonical_json(message_id).encode(), b",", data, b"]"))
-        signing = self.signing
-        return signing.kid, b64url_encode(hmac.new(signing._keys[signing.kid], text, hashlib.sha256).digest())
+        return sign_canonical(self.signing, topic, seq_no, message_id, data)
 
 
 # === 12. Broker ===================================================================================
@@ -3680,6 +3683,7 @@ class MemoryBackbone:
         self._kept = 0  # topic positions the detached sessions keep, in all (bounded by max_session_topics)
         self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
         self._subscribed: dict[str, int] = {}  # topic -> connections (the sum of the above)
+        self.signing = SigningKeys.parse(config.sign_keys) if config.sign_keys else None  # the first key signs each message
 
     def bind(self, broker: Broker) -> None:
         self.broker = broker
@@ -3707,8 +3711,8 @@ class MemoryBackbone:
             return
         epoch = self._topic(topic, now)
         seq = self._seq[topic] = self._seq[topic] + 1
-        auth = self.broker.auth
-        frame = message_frame(topic, seq, message_id, data, auth.sign(topic, seq, message_id, data) if auth.signing else None)
+        signing = self.signing
+        frame = message_frame(topic, seq, message_id, data, sign_canonical(signing, topic, seq, message_id, data) if signing else None)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
         done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
