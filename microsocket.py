@@ -2078,29 +2078,38 @@ def load_acl(text: str | bytes) -> Acl:
 
 
 class _Rule:
-    """One action's compiled patterns: everything, or a set of exact topics and a tuple of prefixes
-    (each prefix covered by a shorter one dropped, each exact topic a prefix covers dropped)."""
+    """One action's compiled patterns: everything, or a set of exact topics and, per prefix length,
+    the set of prefixes of that length. A check is one set lookup per distinct prefix length no
+    longer than the topic (a handful in practice, at most the topic length), however many
+    patterns there are; compiling is linear in them."""
 
     __slots__ = ("everything", "exact", "prefixes")
 
     def __init__(self, patterns: Iterable[Pattern], user_id: str) -> None:
         exact: set[str] = set()
-        prefixes: set[str] = set()
+        by_length: dict[int, set[str]] = {}
         for pattern in patterns:
             # str.replace is one pass over the pattern: a `*` or a "{sub}" inside the user id stays
             # as it is, and it cannot turn an exact pattern into a prefix (that was decided above).
             text = pattern.text.replace(SUB_PLACEHOLDER, user_id)
-            (prefixes if pattern.prefix else exact).add(text)
-        self.everything = "" in prefixes
-        kept: list[str] = []
-        for prefix in sorted(prefixes):  # a prefix sorts right after any shorter prefix of itself
-            if not kept or not prefix.startswith(kept[-1]):
-                kept.append(prefix)
-        self.prefixes = tuple(kept)
-        self.exact = frozenset(topic for topic in exact if not topic.startswith(self.prefixes))
+            if pattern.prefix:
+                by_length.setdefault(len(text), set()).add(text)
+            else:
+                exact.add(text)
+        self.everything = 0 in by_length
+        self.exact = frozenset(exact)
+        self.prefixes = tuple((length, frozenset(texts)) for length, texts in sorted(by_length.items()))
 
     def allows(self, topic: str) -> bool:
-        return self.everything or topic in self.exact or topic.startswith(self.prefixes)
+        if self.everything or topic in self.exact:
+            return True
+        size = len(topic)
+        for length, texts in self.prefixes:
+            if length > size:
+                return False
+            if topic[:length] in texts:
+                return True
+        return False
 
 
 class Grants:
