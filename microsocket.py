@@ -1618,7 +1618,7 @@ class RS256Key:
         return f"RS256Key(kid={self.kid!r}, bits={self.n.bit_length()})"
 
 
-Key = Union[HS256Key, RS256Key]
+Key = HS256Key | RS256Key  # what load_jwk_set returns and JWTVerifier takes
 
 # RFC 7518 §6.3.2: what makes an RSA JWK a private key. The gateway only verifies.
 _RSA_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
@@ -1851,8 +1851,10 @@ class JWTVerifier:
             key = self._by_kid.get(kid)
             if key is None:
                 raise _refuse(f"kid {_show(kid)} is not a configured key")
-            if key.alg != alg:  # RFC 8725 §3.1: the alg must fit the key (RS256/HS256 confusion)
-                raise _refuse(f"alg {alg} does not fit key {_show(kid)}, a {key.kty} key ({key.alg} only)")
+            # RFC 8725 §3.1: "each key MUST be used with exactly one algorithm, and this MUST be
+            # checked when the cryptographic operation is performed" (the RS256/HS256 confusion).
+            if key.alg != alg:
+                raise _refuse(f"alg {alg} does not fit key {_show(kid)}, an {key.kty} key ({key.alg} only)")
             candidates = [key]
             which = f"key {_show(kid)}"
         else:
@@ -1896,33 +1898,33 @@ class JWTVerifier:
         nbf = _numeric_date(payload, "nbf")
         if nbf is not None and float(nbf) - leeway > now:
             raise _refuse(f"token not valid yet: nbf {nbf} (now {now:.0f}, leeway {leeway:g} s)")
-        # RFC 7519 §4.1.6 says nothing of a future iat; RFC 8725 §3.10 asks for reasonable checks,
-        # and a token issued in the future is a clock or a forgery problem.
+        # RFC 7519 §4.1.6 only says when the token was issued; one issued in the future (past the
+        # leeway) is a clock or a forgery problem, and SPEC 1.1 refuses it.
         iat = _numeric_date(payload, "iat")
         if iat is not None and float(iat) - leeway > now:
             raise _refuse(f"token issued in the future: iat {iat} (now {now:.0f}, leeway {leeway:g} s)")
         # The configured issuer and audience are not echoed: the client learns only that its own
         # value does not match.
         if self.issuer is not None:
-            iss = payload.get("iss")
-            if iss is None:
+            if "iss" not in payload:
                 raise _refuse("token has no 'iss'; this server requires one")
+            iss = payload["iss"]
             if iss != self.issuer:
                 raise _refuse(f"'iss' {_show(iss)} is not this server's issuer")
         if self.audience is not None:
             # RFC 7519 §4.1.3: "each principal intended to process the JWT MUST identify itself
             # with a value in the audience claim"; "aud" is one string or an array of strings.
-            aud = payload.get("aud")
-            if aud is None:
+            if "aud" not in payload:
                 raise _refuse("token has no 'aud'; this server requires one")
+            aud = payload["aud"]
             audiences = [aud] if isinstance(aud, str) else aud
             if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
                 raise _refuse("'aud' is neither a string nor a list of strings")
             if self.audience not in audiences:
                 raise _refuse(f"'aud' {_show(aud)} does not name this server's audience")
-        sub = payload.get("sub")
-        if sub is None:
+        if "sub" not in payload:
             raise _refuse("token has no 'sub' (the user id)")
+        sub = payload["sub"]
         if not isinstance(sub, str):
             raise _refuse("'sub' is not a string")
         if not sub:
