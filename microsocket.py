@@ -1131,14 +1131,14 @@ CLIENT_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
     ("ping", "Application-level ping", {}, [], {"type": "ping", "id": 4}),
 ]
 SERVER_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
-    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["integer", "null"]}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
+    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["number", "null"], "description": "the token's exp (Unix seconds), null without one"}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
     ("subscribed", "Subscribed; the next message is seqNo + 1 in the topic's epoch (also sent unasked when the topic's counter starts again)", {"topic": _TOPIC, "seqNo": _SEQ, "epoch": {"type": "string"}}, ["topic", "seqNo", "epoch"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "epoch": "5e27adbe", "id": 2}),
     ("unsubscribed", "Unsubscribed", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribed", "topic": "prices"}),
     ("ack", "Publish accepted or duplicate", {"messageId": _MESSAGE_ID, "status": {"enum": ["ok", "duplicate"]}, "seqNo": _SEQ}, ["messageId", "status", "seqNo"], {"type": "ack", "messageId": "m-1", "status": "ok", "seqNo": 1, "id": 3}),
-    ("message", "A published message", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
+    ("message", "A published message (kid and sig with signing on: HMAC-SHA256 of the RFC 8785 JSON of [topic, seqNo, messageId, data])", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}, "kid": {"type": "string"}, "sig": {"type": "string", "description": "base64url, no padding"}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
     ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ, "epoch": {"type": "string"}}, ["topic", "fromSeq", "toSeq", "epoch"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1, "epoch": "5e27adbe"}),
     ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}}, ["sessionId", "topics", "replayed", "missed", "epochs"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": [], "epochs": {"prices": "5e27adbe"}}),
-    ("refreshed", "Token replaced", {"expiresAt": {"type": ["integer", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
+    ("refreshed", "Token replaced", {"expiresAt": {"type": ["number", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
     ("presence", "Distinct users subscribed", {"topic": _TOPIC, "users": {"type": "array", "items": {"type": "string"}}, "count": _SEQ}, ["topic", "users", "count"], {"type": "presence", "topic": "prices", "users": ["alice"], "count": 1}),
     ("pong", "Answer to ping", {}, [], {"type": "pong", "id": 4}),
     ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ, "epoch": {"type": "string"}}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
@@ -4134,6 +4134,7 @@ def openapi_document(config: Config) -> dict:
                     "200": body("#/components/schemas/PublishResponse", "accepted, or a duplicate with the original seqNo", {"status": "ok", "messageId": "order-1", "seqNo": 1}),
                     "400": error("body is not valid JSON"),
                     "401": error("send Authorization: Bearer <token>"),
+                    "403": error("not allowed to write this topic"),
                     "405": error("method GET not allowed"),
                     "411": error("Transfer-Encoding is not supported: send a Content-Length"),
                     "413": error(f"request body over {config.max_body_size} bytes"),
@@ -4172,7 +4173,7 @@ def openapi_document(config: Config) -> dict:
         "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway. The WebSocket messages are in /asyncapi.json."},
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "any non-empty token in demo auth; a JWT (HS256 or RS256) when the server has a key"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "Stats": {
