@@ -37,7 +37,7 @@ RESP_MAX_LENGTH = 1 << 20
 # Aggregates open inside one another. The backbone's replies nest at most 3 deep; XINFO STREAM FULL,
 # the deepest Redis 7 builds by itself, nests 4 (measured). Deeper is a broken or hostile peer.
 RESP_MAX_DEPTH = 8
-# A simple string, error, number or header line without its CRLF yet. Redis's are a word or a
+# Bytes of a line (type byte included, CRLF not): a simple string, error, number or header. Redis's are a word or a
 # sentence (errors name a script, never its data); a peer sending more without a CRLF is not Redis.
 RESP_MAX_LINE = 64 << 10
 # Digits of a RESP3 big number: int() of a digit string costs time quadratic in its length.
@@ -185,10 +185,10 @@ class RespParser:
         end = buf.find(b"\n", self._scan)
         if end < 0:
             self._scan = len(buf)
-            if self._scan - pos > RESP_MAX_LINE:
+            if self._scan - pos > RESP_MAX_LINE + 1:  # + 1: its CR may be in already
                 raise RespError(f"line over {RESP_MAX_LINE} bytes without a CRLF")
             return None
-        if end - pos > RESP_MAX_LINE:
+        if end - 1 - pos > RESP_MAX_LINE:
             raise RespError(f"line over {RESP_MAX_LINE} bytes")
         if end == pos or buf[end - 1] != 13:  # 13: CR
             raise RespError("line not ended by CRLF")
@@ -358,7 +358,7 @@ def encode_reply(value: Any, resp3: bool = False) -> bytes:
 
     bytes -> bulk string, str -> simple string, int -> integer, RedisReplyError -> error, list ->
     array, None -> null bulk string ($-1). With `resp3`: None -> _, bool -> #, float -> ,, dict ->
-    %, set -> ~, Push -> >."""
+    %, set -> ~, Push -> >, an int beyond 64 bits -> ( big number."""
     if isinstance(value, (bytes, bytearray)):
         return b"$%d\r\n%s\r\n" % (len(value), value)
     if isinstance(value, RedisReplyError):
@@ -384,7 +384,11 @@ def encode_reply(value: Any, resp3: bool = False) -> bytes:
     if value is None:
         return b"$-1\r\n"
     if isinstance(value, int) and not isinstance(value, bool):
-        return b":%d\r\n" % value
+        if -(2**63) <= value < 2**63:
+            return b":%d\r\n" % value
+        if resp3:
+            return b"(%d\r\n" % value
+        raise ValueError("RESP2 integers are 64-bit")
     if isinstance(value, (list, tuple)):
         return b"*%d\r\n" % len(value) + b"".join(encode_reply(v, resp3) for v in value)
     raise TypeError(f"no RESP{3 if resp3 else 2} form for {type(value).__name__}")
@@ -577,3 +581,41 @@ return {epoch, last, oldest, entries}
 
 PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()  # EVALSHA first, EVAL on NOSCRIPT
 HISTORY_SHA = hashlib.sha1(HISTORY_LUA.encode()).hexdigest()
+
+SCRIPTS = {PUBLISH_SHA: PUBLISH_LUA, HISTORY_SHA: HISTORY_LUA}
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def publish_command(prefix: str, user_id: str, topic: str, message_id: str, head: bytes, tail: bytes,
+                    new_epoch: str, history_messages: int, history_age: float, dedup_window: float,
+                    dedup_per_user: int, meta_ttl: float = 0.0, cluster: bool = False) -> tuple:
+    """The EVALSHA of one publish. The message is head + seq + tail (section 7 builds them around
+    the seqNo); `new_epoch` is used only by a topic that has none, so make it fresh every time
+    (secrets.token_hex(8)): an epoch string must never come back. Times in seconds."""
+    meta, history, channel = topic_keys(prefix, topic)
+    seqs, times = dedup_keys(prefix, user_id, topic if cluster else None)
+    return ("EVALSHA", PUBLISH_SHA, 4, meta, history, seqs, times,
+            message_id, head, tail, channel, new_epoch, history_messages, _ms(history_age),
+            _ms(dedup_window), dedup_per_user, _ms(meta_ttl), REDIS_TRIM_SCAN)
+
+
+def history_command(prefix: str, topic: str, first: int, limit: int, history_age: float, new_epoch: str,
+                    meta_ttl: float = 0.0) -> tuple:
+    """The EVALSHA of a position read (limit 0: join, subscribed.seqNo) or a history page."""
+    meta, history, _ = topic_keys(prefix, topic)
+    return ("EVALSHA", HISTORY_SHA, 2, meta, history, first, limit, _ms(history_age), new_epoch, _ms(meta_ttl), REDIS_TRIM_SCAN)
+
+
+def eval_fallback(command: tuple) -> tuple:
+    """The same call as EVAL with the script's text, after a NOSCRIPT (SCRIPT FLUSH, a restart, a
+    failover to a replica that never saw SCRIPT LOAD): Redis caches the script again on the way."""
+    return ("EVAL", SCRIPTS[command[1]], *command[2:])
+
+
+def parse_delivery(data: bytes) -> tuple[str, int, bytes]:
+    """(epoch, seq, message) of a payload from a topic's channel ("epoch:seq:message")."""
+    epoch, seq, message = data.split(b":", 2)
+    return epoch.decode(), int(seq), message
