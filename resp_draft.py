@@ -34,9 +34,10 @@ RESP_MAX_BULK = 64 << 20
 # Lists grow as their elements arrive (at least 3 bytes each on the wire), never preallocated from
 # the declared count, so the bound is about what a broken peer can make us wait for.
 RESP_MAX_LENGTH = 1 << 20
-# Aggregates open inside one another. The backbone's replies nest at most 3 deep; XINFO STREAM FULL,
-# the deepest Redis 7 builds by itself, nests 4 (measured). Deeper is a broken or hostile peer.
-RESP_MAX_DEPTH = 8
+# Aggregates open inside one another. The backbone's own replies nest 2 deep (a history page); the
+# deepest Redis 7.0 builds are COMMAND INFO in RESP3 (9), COMMAND DOCS (8) and XINFO STREAM FULL (7),
+# as measured. 16 takes any of them; deeper is a broken or hostile peer.
+RESP_MAX_DEPTH = 16
 # Bytes of a line (type byte included, CRLF not): a simple string, error, number or header. Redis's are a word or a
 # sentence (errors name a script, never its data); a peer sending more without a CRLF is not Redis.
 RESP_MAX_LINE = 64 << 10

@@ -650,6 +650,28 @@ def test_resp3_replies(redis_server):
 
 
 @redis
+def test_deepest_redis_replies_fit_the_limits(redis_server):
+    """COMMAND DOCS (nested 8 deep), COMMAND INFO in RESP3 (9) and XINFO STREAM FULL with a consumer
+    group and a pending entry (7) parse with the default limits: RESP_MAX_DEPTH is not too tight."""
+
+    def depth(value) -> int:
+        if isinstance(value, dict):
+            value = [*value.keys(), *value.values()]
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return 1 + max(map(depth, value), default=0)
+        return 0
+
+    with RespClient(redis_server.host, redis_server.port) as client:
+        client.call("XADD", "s", "*", "f", "v")
+        client.call("XGROUP", "CREATE", "s", "g", "0")
+        client.call("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">")
+        depths = [depth(client.call("COMMAND", "DOCS", "XADD")), depth(client.call("XINFO", "STREAM", "s", "FULL"))]
+        client.call("HELLO", 3)
+        depths += [depth(client.call("COMMAND", "DOCS", "XADD")), depth(client.call("COMMAND", "INFO", "XADD"))]
+        assert depths == [8, 7, 8, 9] and max(depths) <= resp.RESP_MAX_DEPTH
+
+
+@redis
 def test_script_error_keeps_earlier_writes(redis_server):
     """Redis does not roll a script back: a command failing inside it leaves what ran before it written.
     (Why the publish script orders its commands so that none of them can fail.)"""
