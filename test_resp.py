@@ -629,7 +629,8 @@ def test_reply_split_across_tcp_segments(redis_server):
 
 @redis
 def test_resp3_replies(redis_server):
-    """After HELLO 3 Redis answers a map, and sends _, ',', ~, %, = and > (pub/sub pushes): all parsed."""
+    """After HELLO 3 Redis answers a map, and sends _, ',', ~, %, = and > (pub/sub pushes): all parsed;
+    a script answers RESP2 forms until it calls redis.setresp(3), and truncates Lua numbers even then."""
     host, port, _ = redis_server
     with RespClient(host, port) as client, RespClient(host, port) as pub:
         hello = client.call("HELLO", 3)
@@ -642,6 +643,9 @@ def test_resp3_replies(redis_server):
         client.call("HSET", "h", "f", "v")
         assert client.call("HGETALL", "h") == {b"f": b"v"}
         assert client.call("INFO", "server").startswith(b"# Server")  # a verbatim string, format dropped
+        assert client.call("EVAL", "return {true, 3.7}", 0) == [1, 3]  # a script answers RESP2 forms...
+        assert client.call("EVAL", "redis.setresp(3); return {true, false, {double=0.5}, 3.7}", 0) == [True, False, 0.5, 3]
+        assert client.call("EVAL", "return {double=3.7}", 0) == 3.7  # sent as ,3.7000000000000002
         subscribed = client.call("SUBSCRIBE", "c")
         assert type(subscribed) is resp.Push and subscribed == [b"subscribe", b"c", 1]
         pub.call("PUBLISH", "c", "x")
