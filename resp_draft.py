@@ -103,7 +103,8 @@ class Push(list):
 #     *2\r\n:1\r\n$1\r\nx\r\n     array of 2 replies (*-1: null)
 #
 # RESP3 adds _ (null), # (t/f), , (double), ( (big number), ! (blob error), = (verbatim), % (map of
-# n pairs), ~ (set), > (push) and | (attribute: a map annotating the reply after it).
+# n pairs), ~ (set), > (push) and | (attribute: a map annotating the reply after it). Its streamed
+# forms ($?, *? with ; chunks) are refused as malformed lengths: Redis never sends them.
 #
 # Theory of operation. `feed` appends to one buffer; `next_reply` parses from an offset and keeps,
 # between calls, everything it learnt: the aggregates still open (a stack, never recursion), the
@@ -252,7 +253,7 @@ class RespParser:
                 elif kind == 0x2D:  # - error
                     value = RedisReplyError(rest.decode("utf-8", "replace"))
                 elif kind == 0x3A:  # : integer (signed 64-bit)
-                    value = self._integer(rest, 20)
+                    value = self._integer(rest, 19)
                 elif kind == 0x5F:  # _ null
                     if rest:
                         raise RespError("null with data")
