@@ -205,11 +205,6 @@ class DeferredBackbone:
     def take_over(self, holder: ms.Client) -> None:
         self.broker.take_over(holder)
 
-    @property
-    def auth(self) -> ms.Auth:
-        """The broker's auth: the inner backbone signs each message it sequences with broker.auth."""
-        return self.broker.auth
-
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.inner, name)
         if name not in self.ANSWERED:
