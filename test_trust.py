@@ -1399,6 +1399,16 @@ def test_signing_accepts_integers_up_to_2_53(broker_driver, jcs):
         assert m["sig"] == expected_sig(jcs, K1, "t", m["seqNo"], m["messageId"], m["data"])
 
 
+@pytest.mark.parametrize("raw", ['"\\ud800"', '{"k": ["x\\udfff"]}', '{"\\ud83d": 1}'], ids=["string", "nested", "key"])
+def test_signing_refuses_lone_surrogates(broker_driver, raw):
+    """With signing on, a payload holding a lone surrogate (a \\u escape JSON allows but Unicode text cannot hold) is INVALID_MESSAGE, field payload, and takes no seqNo."""
+    d = broker_driver(**SIGNED)
+    pub = d.connect("alice")
+    reply = d.one(pub, '{"type": "publish", "topic": "t", "messageId": "m", "payload": ' + raw + "}")
+    assert_error(reply, "INVALID_MESSAGE", field="payload", topic="t", messageId="m")
+    assert d.publish(pub, "t", "m", "fine")[0]["seqNo"] == 1
+
+
 @pytest.mark.parametrize("signing", [True, False], ids=["signed", "unsigned"])
 def test_number_that_overflows_a_double_is_invalid_json(broker_driver, signing):
     """A payload written as 1e400 (which a double cannot hold) is INVALID_JSON as the README documents, signing on or off: the message never reaches the payload check."""
