@@ -3424,6 +3424,7 @@ class Broker:
                 for topic in [t for t in topics if not client.grants.can_read(t)]:
                     del topics[topic]
                     resume.denied.append(_error_frame(_acl_denied("read", topic, field="sessionId"), msg.get("id")))
+                    self.errors["ACL_DENIED"] += 1
             if len(topics) > self.config.max_subscriptions:
                 raise self._too_many_subscriptions(field="sessionId")
             resume.topics = list(topics)
