@@ -2825,6 +2825,9 @@ class Broker:
         client.out.clear()
         client.held = None
         client.inbox = None
+        if client.expires is not None:
+            client.expires = None
+            self._compact_expiries()
         self.connections -= 1
 
     def closed(self, code: int) -> None:
@@ -2871,8 +2874,23 @@ class Broker:
         if exp is None:
             client.expires = None
             return
-        deadline = client.expires = self.clock() + (exp + self.auth.leeway - self.auth.wall())
-        heapq.heappush(self.expiries, (deadline, next(self._expiry_order), client))
+        deadline = self.clock() + (exp + self.auth.leeway - self.auth.wall())
+        if deadline != client.expires:
+            client.expires = deadline
+            heapq.heappush(self.expiries, (deadline, next(self._expiry_order), client))
+            self._compact_expiries()
+
+    def _compact_expiries(self) -> None:
+        """Drop the entries of refreshed and closed connections once they are half the heap, so
+        it holds about one entry per live connection however often tokens are refreshed."""
+        if len(self.expiries) > 2 * self.connections + 64:
+            kept: dict[int, tuple[float, int, Client]] = {}
+            for entry in self.expiries:
+                client = entry[2]
+                if client.expires == entry[0] and client.broker is self:
+                    kept[id(client)] = entry  # one per connection, even if a deadline came back
+            self.expiries = list(kept.values())
+            heapq.heapify(self.expiries)
 
     def _identify(self, token: Any, where: str) -> Claims:
         """Verify a token (setup, refresh): its Claims, or AUTH_FAILED, logged and counted."""
@@ -3424,6 +3442,7 @@ class Broker:
                 for topic in [t for t in topics if not client.grants.can_read(t)]:
                     del topics[topic]
                     resume.denied.append(_error_frame(_acl_denied("read", topic, field="sessionId"), msg.get("id")))
+                    self.errors["ACL_DENIED"] += 1
             if len(topics) > self.config.max_subscriptions:
                 raise self._too_many_subscriptions(field="sessionId")
             resume.topics = list(topics)
