@@ -32,7 +32,7 @@ Timeouts: every test is bounded by TEST_TIMEOUT (SIGALRM), every coroutine by ru
 every socket read by its socket timeout, so a hang fails instead of stalling the suite.
 
 Markers (registered below; nothing is deselected by default, CI runs them all): `slow` (over
-about a second), `browser` (Chromium), `redis` (a Redis backbone; none yet). For a quick run:
+about a second), `browser` (Chromium), `redis` (a real redis-server: test_redis.py, test_resp.py). For a quick run:
 `python3 -m pytest -q -m "not slow and not browser"`.
 """
 
@@ -71,7 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the markers (no config file: the README's test command stays as it is)."""
     config.addinivalue_line("markers", "slow: takes over about a second (CI runs it; -m 'not slow' to skip)")
     config.addinivalue_line("markers", "browser: drives Chromium through playwright (skips when either is missing)")
-    config.addinivalue_line("markers", "redis: needs a Redis server for the backbone tests (none yet)")
+    config.addinivalue_line("markers", "redis: needs redis-server for the Redis backbone (skips, saying so, when it is absent)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -217,12 +217,30 @@ class DeferredBackbone:
         return request
 
 
+# Where make_backbone("redis", ...) connects: RedisBackbone keyword arguments (url, prefix, timeout,
+# lease), set by test_redis.py's fixtures for the test that uses them.
+REDIS_TARGET: dict[str, Any] = {}
+
+
 def make_backbone(kind: str, config: ms.Config, clock: Callable[[], float], schedule: Callable | None) -> Any:
-    """A backbone of `kind` (one of BACKBONES) on `clock`; the deferred ones run late work through `schedule`."""
+    """A backbone of `kind` (one of BACKBONES, or "redis": a RedisBackbone on REDIS_TARGET, to be
+    started) on `clock`; the deferred ones run late work through `schedule`."""
+    if kind == "redis":
+        return redis_backbone(config, clock)
     inner = ms.MemoryBackbone(config, clock)
     if kind == "memory":
         return inner
     return DeferredBackbone(inner, schedule, split=kind == "deferred-split")
+
+
+def redis_backbone(config: ms.Config, clock: Callable[[], float]) -> Any:
+    """A RedisBackbone (section 13, or redis_backbone_draft.py until it is there) on REDIS_TARGET."""
+    if not REDIS_TARGET:
+        raise RuntimeError("make_backbone('redis', ...) needs REDIS_TARGET: use test_redis.py's redis_url fixture")
+    backbone_class = getattr(ms, "RedisBackbone", None)
+    if backbone_class is None:
+        from redis_backbone_draft import RedisBackbone as backbone_class
+    return backbone_class(config, clock, **REDIS_TARGET)
 
 
 class BrokerDriver:
@@ -595,6 +613,8 @@ class ServerHandle:
         try:
             loop = asyncio.get_running_loop()
             backbone = make_backbone(self.backbone_kind, config, self.clock, loop.call_soon)
+            if self.backbone_kind == "redis":
+                await backbone.start()  # connected before the first client (a second start does nothing)
             self.server = ms.Server(config, clock=self.clock, backbone=backbone)  # the one place the tests construct a Server
             await self.server.start()
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
@@ -606,6 +626,8 @@ class ServerHandle:
         self._started.set()
         await self._stop.wait()
         await self.server.close(grace=1.0)
+        if self.backbone_kind == "redis":
+            await self.server.backbone.close()  # after the connections: their detaches are written first
 
     @property
     def port(self) -> int:
