@@ -75,10 +75,10 @@ REDIS_TIMEOUT = 2.0  # seconds for any request to Redis; past it: BACKBONE_UNAVA
 REDIS_LEASE = 15.0
 REDIS_BACKOFF_MIN = 0.05  # seconds before the first reconnect attempt; doubled per failure ...
 REDIS_BACKOFF_MAX = 2.0  # ... up to this; each wait drawn from [delay/2, delay] (jitter)
-# A session's positions are written at most this often per session and topic: a client that acks
-# every message costs Redis one write per 50 ms, not one per message. A take-over writes the final
+# An ack's position is written at most this often per session and topic: a client that acks every
+# message costs Redis one write per 50 ms, not one per message. A take-over writes the final
 # positions itself, so only a process that dies loses up to this much of its acks (a few messages
-# replayed twice on resume, never one lost).
+# replayed twice on resume, never one lost). A new position (subscribe, resume) goes at once.
 REDIS_TRACK_DELAY = 0.05
 REDIS_MAX_BACKLOG = 100_000  # requests held while Redis is unreachable; past it they fail at once
 REDIS_STATS_INTERVAL = 5.0  # seconds between reads of the figures /stats shows from Redis
@@ -530,7 +530,8 @@ class RedisBackbone:
         self._renewed: collections.OrderedDict = collections.OrderedDict()
         self._detached: collections.OrderedDict = collections.OrderedDict()
         self._tracks: dict[str, dict[str, Position | None]] = {}
-        self._track_timer: asyncio.TimerHandle | None = None
+        self._track_timer: asyncio.Handle | None = None
+        self._track_soon = False  # the timer is a call_soon: this turn's positions go out at its end
         self._claims: dict[str, _Claim] = {}  # sessions claimed here, waiting for "released"
         self._holder_numbers = itertools.count(1)
         # Presence of this process's connections: topic -> user -> connections; topic -> connections.
@@ -1084,10 +1085,18 @@ class RedisBackbone:
         self._request(("HGETALL", key), done, lambda reply: self._session_of(session_id, reply))
 
     def track(self, session_id: str, topic: str, position: Position | None) -> None:
-        if session_id not in self._holders:
+        """Record a position, written with the others of this turn (a topic the session starts or
+        stops following: a resume elsewhere must see it) or within REDIS_TRACK_DELAY (an ack)."""
+        if session_id not in self._holders or self.loop is None:
             return
         self._tracks.setdefault(session_id, {})[topic] = position
-        if self._track_timer is None and self.loop is not None:
+        if position is None or not position.acked:
+            if not self._track_soon:
+                if self._track_timer is not None:
+                    self._track_timer.cancel()
+                self._track_timer = self.loop.call_soon(self._flush_tracks)
+                self._track_soon = True
+        elif self._track_timer is None:
             self._track_timer = self.loop.call_later(REDIS_TRACK_DELAY, self._flush_tracks)
 
     def _flush_tracks(self) -> None:
@@ -1095,6 +1104,7 @@ class RedisBackbone:
         if self._track_timer is not None:
             self._track_timer.cancel()
             self._track_timer = None
+        self._track_soon = False
         tracks, self._tracks = self._tracks, {}
         ttl = self._attached_ttl()
         for session_id, positions in tracks.items():
