@@ -445,12 +445,16 @@ class _Topic:
 
 
 class _Join:
-    __slots__ = ("topic", "done", "deadline")
+    """A join waiting for Redis to confirm its subscription (then for its position, whose read has
+    a deadline of its own)."""
+
+    __slots__ = ("topic", "done", "deadline", "confirmed")
 
     def __init__(self, topic: str, done: Callable | None, deadline: float) -> None:
         self.topic = topic
         self.done = done  # None once answered
         self.deadline = deadline
+        self.confirmed = False
 
 
 class _Claim:
@@ -820,7 +824,7 @@ class RedisBackbone:
         while joins and joins[0].deadline <= now:
             join = joins.popleft()
             state = self._topics.get(join.topic)
-            if join.done is None or state is None:
+            if join.done is None or join.confirmed or state is None:
                 continue
             if join in state.joins:
                 state.joins.remove(join)
@@ -875,6 +879,8 @@ class RedisBackbone:
 
     def _answer_join(self, topic: str, state: _Topic, join: _Join, position: TopicPosition | ClientError) -> None:
         done, join.done = join.done, None
+        if done is None:
+            return
         if isinstance(position, ClientError) and self._topics.get(topic) is state and not state.joins:
             self._forget_topic(topic)  # the broker drops the feed without a `leave`
         done(position)
@@ -956,6 +962,7 @@ class RedisBackbone:
             # below it).
             joins, state.joins = state.joins, []
             for join in joins:
+                join.confirmed = True
                 self._read_position(topic, lambda position, join=join: self._answer_join(topic, state, join, position))
             state.resync = False
         elif state.resync:
@@ -1010,7 +1017,12 @@ class RedisBackbone:
         self._holders[session_id] = (token, holder)
         self._detached.pop(session_id, None)
         self._renewed.pop(session_id, None)
-        self._renewed[session_id] = self.clock()
+        self._renewed[session_id] = self._now()
+
+    def _now(self) -> float:
+        """The event loop's clock: Redis expires keys in real time, so leases are renewed by it
+        (the injected `clock` is the broker's, which tests may stop)."""
+        return self.loop.time() if self.loop is not None else 0.0
 
     @staticmethod
     def _position_pairs(positions: dict) -> list:
@@ -1124,8 +1136,8 @@ class RedisBackbone:
             return  # taken over already: the new holder's positions count
         del self._holders[session_id]
         self._renewed.pop(session_id, None)
-        self._detached[session_id] = now + self.config.session_ttl
-        self._prune_detached(now)
+        self._detached[session_id] = self._now() + self.config.session_ttl
+        self._prune_detached(self._now())
         key = self._session_key(session_id)
         command = _script(DETACH_SHA, (key,), held[0], _millis(self.config.session_ttl), f"{self.prefix}control:", session_id,
                           *self._position_pairs(positions))
@@ -1220,8 +1232,7 @@ class RedisBackbone:
     def _reassert(self) -> None:
         """After a (re)connect: this process's registry entry, presence and attached sessions,
         written again (Redis may have restarted empty, or missed writes while unreachable)."""
-        now = self.clock()
-        self._presence_renewed = now
+        self._presence_renewed = self._now()
         self._renew_presence()
         for session_id in list(self._holders):
             self._assert_session(session_id)
@@ -1230,9 +1241,10 @@ class RedisBackbone:
 
     def sweep(self, now: float) -> None:
         """Once a second (Broker.sweep): renew leases, probe silent links, catch up what failed to,
-        read the figures, report failed writes."""
+        read the figures, report failed writes. Timed on the event loop's clock, not `now`."""
         if self.loop is None or self._closing:
             return
+        now = self.loop.time()
         third = self.lease / 3
         if now - self._presence_renewed >= third:
             self._presence_renewed = now
@@ -1258,13 +1270,12 @@ class RedisBackbone:
                 self._retry.discard(topic)
                 if state is not None and state.resync:
                     self._catch_up(topic, state)
-        loop_now = self.loop.time()
         sub = self._sub
-        if sub is not None and self._ping_sent is None and loop_now - sub.heard >= min(third, 5.0):
-            self._ping_sent = loop_now
+        if sub is not None and self._ping_sent is None and now - sub.heard >= min(third, 5.0):
+            self._ping_sent = now
             sub.send(encode_command("PING"))
         cmd = self._cmd
-        if cmd is not None and not cmd.waiting and loop_now - cmd.heard >= min(third, 5.0):
+        if cmd is not None and not cmd.waiting and now - cmd.heard >= min(third, 5.0):
             self._request(("PING",))  # a stalled Redis is found even when nothing is asked of it
         if now - self._figures_read >= REDIS_STATS_INTERVAL:
             self._figures_read = now
@@ -1303,7 +1314,7 @@ class RedisBackbone:
         `history` the messages and bytes Redis retains for them (read every few seconds);
         `dedup.entries` None (per-user windows in Redis, not counted). `redis` says what only this
         backbone has: connected, this process's id, the processes alive, reconnects."""
-        self._prune_detached(self.clock())
+        self._prune_detached(self._now())
         return {
             "sessions": len(self._holders) + len(self._detached),
             "sequenced_topics": len(self._topics),

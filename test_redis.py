@@ -642,6 +642,7 @@ def test_redis_killed_then_restarted_empty(own_redis, server_factory):
     assert reply["code"] == "BACKBONE_UNAVAILABLE" and took < TIMEOUT + 0.5, (reply, took)
     assert pub.ask({"type": "ping"}) == {"type": "pong"}
     assert http_request(server.url("/stats")).json()["connections"] == 2
+    assert not backbone_of(server).healthy()  # what /healthz will tell a load balancer
     own_redis.start()
     notice = sub.recv_json()  # the catch-up after the reconnect passes the new epoch on
     assert notice["type"] == "subscribed" and notice["seqNo"] == 0 and notice["epoch"] != old_epoch
@@ -720,6 +721,23 @@ def test_subscriber_link_dropped_for_its_output_buffer_loses_nothing(gateway, re
     got = sub.messages(20)
     assert [m["data"][0] for m in got] == list(range(20))
     assert backbone_of(server).reconnects >= 1  # the links Redis dropped came back
+
+
+@redis
+@pytest.mark.slow
+def test_silent_subscriber_link_is_probed_and_replaced(gateway, redis_url):
+    """A subscriber connection that stays open but answers nothing (CLIENT PAUSE ... ALL: Redis
+    reads nothing) is found by its PING probe and replaced; deliveries go on afterwards."""
+    server = gateway()
+    sub = Conn(server.port, "alice", topics=["t"])
+    backbone = backbone_of(server)
+    silent = server.call(lambda: backbone._sub)
+    with redis_client(redis_url) as r:
+        assert r.call("CLIENT", "PAUSE", "4000", "ALL") == "OK"  # past a probe (after 1 s of silence) and its timeout
+    wait_until(lambda: server.call(lambda: backbone._sub is not None and backbone._sub is not silent), 15,
+               "the silent subscriber link to be replaced")
+    server.publish("t", {"n": 1})
+    assert seqs(sub.messages(1)) == [1]
 
 
 @redis
