@@ -1385,7 +1385,17 @@ def _without_workers(argv: list[str]) -> list[str]:
     return out
 
 
-def run_workers(config: Config, argv: list[str], workers: int, redis_url: str | None, script: str | None = None) -> int:
+def _die_with_parent() -> None:
+    """In a worker, before it runs: Linux's PR_SET_PDEATHSIG (prctl(2)), so the worker gets SIGTERM
+    when the parent dies, even by SIGKILL. Elsewhere nothing: the parent's exit path stops them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def run_workers(config: Config, argv: list[str], workers: int | None = None, redis_url: str | None = None,
+                script: str | None = None) -> int:
     """--workers N: N processes of this command line (without --workers) sharing one port with
     SO_REUSEPORT (the kernel spreads new connections over them, Linux 3.9+: socket(7)) and one
     Redis. Refuses (exit 2) without --redis: processes that do not share state would each have
@@ -1393,10 +1403,14 @@ def run_workers(config: Config, argv: list[str], workers: int, redis_url: str | 
     forwards SIGINT/SIGTERM to every worker (each closes its connections with 1001 and exits 0),
     starts again a worker that died (with a growing delay if they keep dying), and exits 0 once
     every worker has exited after a signal (1 if one did not exit cleanly). Every worker is in
-    the parent's process group and gets SIGTERM from the parent's exit path, so none is orphaned.
+    the parent's process group, gets SIGTERM from the parent's exit path, and (Linux) SIGTERM if
+    the parent is killed, so none is orphaned.
 
-    Each worker is told MICROSOCKET_REUSE_PORT=1 (Server.start then listens with reuse_port=True)
-    and MICROSOCKET_WORKER=i (its number, in its log lines and /stats)."""
+    `workers` and `redis_url` default to config.workers and config.redis (the fields section 16
+    adds); `script` to this program. Each worker is told MICROSOCKET_REUSE_PORT=1 (Server.start then
+    listens with reuse_port=True) and MICROSOCKET_WORKER=i (its number, for its logs)."""
+    workers = getattr(config, "workers", 1) if workers is None else workers
+    redis_url = getattr(config, "redis", None) if redis_url is None else redis_url
     if workers < 1:
         print("microsocket.py: error: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -1418,7 +1432,7 @@ def run_workers(config: Config, argv: list[str], workers: int, redis_url: str | 
 
     def spawn(i: int) -> None:
         env = dict(os.environ, MICROSOCKET_REUSE_PORT="1", MICROSOCKET_WORKER=str(i))
-        children[i] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        children[i] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def stop(signum: int, frame: Any) -> None:
         stopping[0] = True

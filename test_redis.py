@@ -839,6 +839,43 @@ def test_workers_share_one_port_and_one_redis(redis_url, runner):
         parent.stderr.close()
 
 
+@redis
+@pytest.mark.slow
+def test_workers_do_not_outlive_a_killed_parent(redis_url, runner):
+    """The parent of the workers killed with -9 (no chance to stop them): the workers exit too
+    (SIGTERM from PR_SET_PDEATHSIG: they close their connections and leave the registry)."""
+    port = free_port()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys, microsocket as ms\n"
+         "try:\n from microsocket import run_workers\nexcept ImportError:\n from redis_backbone_draft import run_workers\n"
+         f"sys.exit(run_workers(ms.Config(port={port}), sys.argv[1:], workers=2, redis_url={redis_url!r}, script={runner!r}))",
+         "--port", str(port), "--redis", redis_url, "--workers", "2"],
+        cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    with redis_client(redis_url) as r:
+        try:
+            wait_until(lambda: r.call("ZCARD", "ms:processes") == 2, 15, "two workers in the registry")
+            workers = [int(pid) for pid in subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)],
+                                                           capture_output=True, text=True).stdout.split()]
+            assert len(workers) == 2
+        finally:
+            parent.kill()
+            parent.wait(10)
+        wait_until(lambda: not any(_alive(pid) for pid in workers), 15, "the workers to exit")
+        wait_until(lambda: r.call("ZCARD", "ms:processes") == 0, 15, "the workers to leave the registry")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # not our child: reaped by init, this only tidies up if it were
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
