@@ -141,6 +141,21 @@ REDIS_PUBLISH_SCAN = 4
 #   connection (its final positions written, "released" published back) and closes it with 4002;
 #   the claimer then reads the session. A holder process that is dead (its registry entry ran out)
 #   is not waited for, and one that does not answer within the timeout is not waited for longer.
+#
+# Keys beyond the topic and dedup keys above (P: --redis-prefix; S a sessionId, t a topic, both
+# escaped by key_part; X a process id, 12 hex digits, fresh at every start):
+#
+#     Pepoch                 string: the deployment's epoch (ready.epoch), SET NX at every connect
+#     Psession:{S}           hash: user, holder ("X:n"), taking (the holder being taken over),
+#                            p:<topic> -> [start, epoch, acked, handed] as JSON; PEXPIRE: the session
+#                            TTL once detached, TTL + lease while attached (renewed by X)
+#     P{t}:presence          sorted set: "X:user" -> lease end (ms, Redis's TIME); read past the
+#                            ones that ran out (a process killed with -9 leaves within the lease)
+#     Pprocesses             sorted set: X -> lease end: who is alive (take-over waits, /stats)
+#     Pcontrol:X             channel: "takeover\nS\nholder\nclaimer" to X, "released\nS" back
+#
+# Figures /stats cannot get cheaply from Redis (how many sessions, dedup entries) are this
+# process's view; see `stats`.
 
 # KEYS: 1 session hash, 2 process registry. ARGV: 1 the claiming holder, 2 the attached TTL (ms),
 # 3 the control channel prefix, 4 this process, 5 the session id.
