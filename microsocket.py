@@ -3198,8 +3198,8 @@ class Broker:
             raise self._too_many_subscriptions(field="topics")
         if grants is not None:
             for topic in topics:
-                if not grants.can_read(topic):
-                    raise _acl_denied("read", topic, field="topics")
+                if not grants.can_read(topic):  # a sub-socket's own topic came from its URL, not from 'topics'
+                    raise _acl_denied("read", topic, field=None if topic == client.bound_topic else "topics")
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
         client.grants = grants
@@ -4048,7 +4048,7 @@ class App:
         message_id = f"demo-{next(self._demo_ids)}-{secrets.token_hex(4)}"
         return self._publish("demo", topic, message_id, data, lambda r: {
             "ok": True, "topic": topic, "messageId": r.message_id, "seqNo": r.seq_no, "subscribers": r.subscribers,
-        })
+        }, self.broker.auth.grants("demo"))  # the ACL file's grants for the user "demo", if there is one
 
     def post_publish(self, request: Request) -> Response:
         scheme, _, token = (request.header("authorization") or "").partition(" ")
