@@ -1,10 +1,10 @@
 """Shared helpers and fixtures for the microsocket tests: one per job, each with a docstring.
 
 The test files follow microsocket.py's sections: test_codec (1-3), test_http (4-5), test_websocket
-(6), test_schema (7), test_stores (8-10), test_broker (12), test_routes (14), test_documents (the
-page and the two API documents), test_server (15, the I/O layer), test_cli (16, a subprocess),
-test_browser (Chromium), and test_microsocket: the black-box protocol tests, which only ever get
-a URL (`live_url`) and talk to it over the network.
+(6), test_schema (7), test_stores (8-10), test_auth (11), test_broker (12), test_routes (14),
+test_documents (the page and the two API documents), test_server (15, the I/O layer), test_cli
+(16, a subprocess), test_browser (Chromium), and test_microsocket: the black-box protocol tests,
+which only ever get a URL (`live_url`) and talk to it over the network.
 
 One helper per job:
 

@@ -1131,14 +1131,14 @@ CLIENT_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
     ("ping", "Application-level ping", {}, [], {"type": "ping", "id": 4}),
 ]
 SERVER_MESSAGES: list[tuple[str, str, dict, list[str], dict]] = [
-    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["integer", "null"]}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
+    ("ready", "setup succeeded", {"sessionId": {"type": "string"}, "userId": {"type": "string"}, "epoch": {"type": "string"}, "expiresAt": {"type": ["number", "null"], "description": "the token's exp (Unix seconds), null without one"}}, ["sessionId", "userId", "epoch", "expiresAt"], {"type": "ready", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "userId": "alice", "epoch": "9f1c2ab0", "expiresAt": None, "id": 1}),
     ("subscribed", "Subscribed; the next message is seqNo + 1 in the topic's epoch (also sent unasked when the topic's counter starts again)", {"topic": _TOPIC, "seqNo": _SEQ, "epoch": {"type": "string"}}, ["topic", "seqNo", "epoch"], {"type": "subscribed", "topic": "prices", "seqNo": 0, "epoch": "5e27adbe", "id": 2}),
     ("unsubscribed", "Unsubscribed", {"topic": _TOPIC}, ["topic"], {"type": "unsubscribed", "topic": "prices"}),
     ("ack", "Publish accepted or duplicate", {"messageId": _MESSAGE_ID, "status": {"enum": ["ok", "duplicate"]}, "seqNo": _SEQ}, ["messageId", "status", "seqNo"], {"type": "ack", "messageId": "m-1", "status": "ok", "seqNo": 1, "id": 3}),
-    ("message", "A published message", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
+    ("message", "A published message (kid and sig with signing on: HMAC-SHA256 of the RFC 8785 JSON of [topic, seqNo, messageId, data])", {"topic": _TOPIC, "seqNo": _SEQ, "messageId": _MESSAGE_ID, "data": {}, "kid": {"type": "string"}, "sig": {"type": "string", "description": "base64url, no padding"}}, ["topic", "seqNo", "messageId", "data"], {"type": "message", "topic": "prices", "seqNo": 1, "messageId": "m-1", "data": {"btc": 97000}}),
     ("replayed", "Replay finished", {"topic": _TOPIC, "fromSeq": _SEQ, "toSeq": _SEQ, "epoch": {"type": "string"}}, ["topic", "fromSeq", "toSeq", "epoch"], {"type": "replayed", "topic": "prices", "fromSeq": 1, "toSeq": 1, "epoch": "5e27adbe"}),
     ("resumed", "Resume finished", {"sessionId": {"type": "string"}, "topics": {"type": "array", "items": _TOPIC}, "replayed": _SEQ, "missed": {"type": "array", "items": {"type": "object", "required": ["topic", "fromSeq", "oldestSeq"], "properties": {"topic": _TOPIC, "fromSeq": _SEQ, "oldestSeq": _SEQ}}}, "epochs": {"type": "object", "additionalProperties": {"type": "string"}}}, ["sessionId", "topics", "replayed", "missed", "epochs"], {"type": "resumed", "sessionId": "3q2-7wJ1kXn0nR9yWmHk5A", "topics": ["prices"], "replayed": 0, "missed": [], "epochs": {"prices": "5e27adbe"}}),
-    ("refreshed", "Token replaced", {"expiresAt": {"type": ["integer", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
+    ("refreshed", "Token replaced", {"expiresAt": {"type": ["number", "null"]}}, ["expiresAt"], {"type": "refreshed", "expiresAt": None}),
     ("presence", "Distinct users subscribed", {"topic": _TOPIC, "users": {"type": "array", "items": {"type": "string"}}, "count": _SEQ}, ["topic", "users", "count"], {"type": "presence", "topic": "prices", "users": ["alice"], "count": 1}),
     ("pong", "Answer to ping", {}, [], {"type": "pong", "id": 4}),
     ("error", "The message was refused; the connection stays open", {"code": {"enum": list(ERROR_CODES)}, "message": {"type": "string"}, "field": {"type": "string"}, "topic": {"type": "string"}, "messageId": {"type": "string"}, "oldestSeq": _SEQ, "epoch": {"type": "string"}}, ["code", "message"], {"type": "error", "code": "INVALID_TOPIC", "message": "topic is empty", "field": "topic"}),
@@ -1618,7 +1618,7 @@ class RS256Key:
         return f"RS256Key(kid={self.kid!r}, bits={self.n.bit_length()})"
 
 
-Key = Union[HS256Key, RS256Key]
+Key = HS256Key | RS256Key  # what load_jwk_set returns and JWTVerifier takes
 
 # RFC 7518 §6.3.2: what makes an RSA JWK a private key. The gateway only verifies.
 _RSA_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
@@ -1851,8 +1851,10 @@ class JWTVerifier:
             key = self._by_kid.get(kid)
             if key is None:
                 raise _refuse(f"kid {_show(kid)} is not a configured key")
-            if key.alg != alg:  # RFC 8725 §3.1: the alg must fit the key (RS256/HS256 confusion)
-                raise _refuse(f"alg {alg} does not fit key {_show(kid)}, a {key.kty} key ({key.alg} only)")
+            # RFC 8725 §3.1: "each key MUST be used with exactly one algorithm, and this MUST be
+            # checked when the cryptographic operation is performed" (the RS256/HS256 confusion).
+            if key.alg != alg:
+                raise _refuse(f"alg {alg} does not fit key {_show(kid)}, an {key.kty} key ({key.alg} only)")
             candidates = [key]
             which = f"key {_show(kid)}"
         else:
@@ -1896,33 +1898,33 @@ class JWTVerifier:
         nbf = _numeric_date(payload, "nbf")
         if nbf is not None and float(nbf) - leeway > now:
             raise _refuse(f"token not valid yet: nbf {nbf} (now {now:.0f}, leeway {leeway:g} s)")
-        # RFC 7519 §4.1.6 says nothing of a future iat; RFC 8725 §3.10 asks for reasonable checks,
-        # and a token issued in the future is a clock or a forgery problem.
+        # RFC 7519 §4.1.6 only says when the token was issued; one issued in the future (past the
+        # leeway) is a clock or a forgery problem, and SPEC 1.1 refuses it.
         iat = _numeric_date(payload, "iat")
         if iat is not None and float(iat) - leeway > now:
             raise _refuse(f"token issued in the future: iat {iat} (now {now:.0f}, leeway {leeway:g} s)")
         # The configured issuer and audience are not echoed: the client learns only that its own
         # value does not match.
         if self.issuer is not None:
-            iss = payload.get("iss")
-            if iss is None:
+            if "iss" not in payload:
                 raise _refuse("token has no 'iss'; this server requires one")
+            iss = payload["iss"]
             if iss != self.issuer:
                 raise _refuse(f"'iss' {_show(iss)} is not this server's issuer")
         if self.audience is not None:
             # RFC 7519 §4.1.3: "each principal intended to process the JWT MUST identify itself
             # with a value in the audience claim"; "aud" is one string or an array of strings.
-            aud = payload.get("aud")
-            if aud is None:
+            if "aud" not in payload:
                 raise _refuse("token has no 'aud'; this server requires one")
+            aud = payload["aud"]
             audiences = [aud] if isinstance(aud, str) else aud
             if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
                 raise _refuse("'aud' is neither a string nor a list of strings")
             if self.audience not in audiences:
                 raise _refuse(f"'aud' {_show(aud)} does not name this server's audience")
-        sub = payload.get("sub")
-        if sub is None:
+        if "sub" not in payload:
             raise _refuse("token has no 'sub' (the user id)")
+        sub = payload["sub"]
         if not isinstance(sub, str):
             raise _refuse("'sub' is not a string")
         if not sub:
@@ -2078,29 +2080,38 @@ def load_acl(text: str | bytes) -> Acl:
 
 
 class _Rule:
-    """One action's compiled patterns: everything, or a set of exact topics and a tuple of prefixes
-    (each prefix covered by a shorter one dropped, each exact topic a prefix covers dropped)."""
+    """One action's compiled patterns: everything, or a set of exact topics and, per prefix length,
+    the set of prefixes of that length. A check is one set lookup per distinct prefix length no
+    longer than the topic (a handful in practice, at most the topic length), however many
+    patterns there are; compiling is linear in them."""
 
     __slots__ = ("everything", "exact", "prefixes")
 
     def __init__(self, patterns: Iterable[Pattern], user_id: str) -> None:
         exact: set[str] = set()
-        prefixes: set[str] = set()
+        by_length: dict[int, set[str]] = {}
         for pattern in patterns:
             # str.replace is one pass over the pattern: a `*` or a "{sub}" inside the user id stays
             # as it is, and it cannot turn an exact pattern into a prefix (that was decided above).
             text = pattern.text.replace(SUB_PLACEHOLDER, user_id)
-            (prefixes if pattern.prefix else exact).add(text)
-        self.everything = "" in prefixes
-        kept: list[str] = []
-        for prefix in sorted(prefixes):  # a prefix sorts right after any shorter prefix of itself
-            if not kept or not prefix.startswith(kept[-1]):
-                kept.append(prefix)
-        self.prefixes = tuple(kept)
-        self.exact = frozenset(topic for topic in exact if not topic.startswith(self.prefixes))
+            if pattern.prefix:
+                by_length.setdefault(len(text), set()).add(text)
+            else:
+                exact.add(text)
+        self.everything = 0 in by_length
+        self.exact = frozenset(exact)
+        self.prefixes = tuple((length, frozenset(texts)) for length, texts in sorted(by_length.items()))
 
     def allows(self, topic: str) -> bool:
-        return self.everything or topic in self.exact or topic.startswith(self.prefixes)
+        if self.everything or topic in self.exact:
+            return True
+        size = len(topic)
+        for length, texts in self.prefixes:
+            if length > size:
+                return False
+            if topic[:length] in texts:
+                return True
+        return False
 
 
 class Grants:
@@ -2334,6 +2345,14 @@ class SigningKeys:
         return f"SigningKeys(kids={self.kids!r})"
 
 
+def sign_canonical(signing: SigningKeys, topic: str, seq_no: int, message_id: str, data: bytes) -> tuple[str, str]:
+    """(kid, sig) of a message whose `data` is already canonical JSON (the broker made it so):
+    the canonical array is its elements' canonical forms joined by commas, so the payload is not
+    canonicalised again per message."""
+    text = b"".join((b"[", canonical_json(topic).encode(), b",", str(seq_no).encode(), b",", canonical_json(message_id).encode(), b",", data, b"]"))
+    return signing.kid, b64url_encode(hmac.new(signing._keys[signing.kid], text, hashlib.sha256).digest())
+
+
 # --- the server's auth, from its Config -----------------------------------------------------------
 
 AUTH_ENTRY_POINTS = ("setup", "refresh", "http")  # where a token is presented (refusals are counted by it)
@@ -2388,12 +2407,7 @@ class Auth:
         log.info("refused a token (%s): %s", where, reason)
 
     def sign(self, topic: str, seq_no: int, message_id: str, data: bytes) -> tuple[str, str]:
-        """(kid, sig) of a message whose `data` is already canonical JSON (the broker made it so):
-        the canonical array is its elements' canonical forms joined by commas, so the payload is
-        not canonicalised again per message."""
-        text = b"".join((b"[", canonical_json(topic).encode(), b",", str(seq_no).encode(), b",", canonical_json(message_id).encode(), b",", data, b"]"))
-        signing = self.signing
-        return signing.kid, b64url_encode(hmac.new(signing._keys[signing.kid], text, hashlib.sha256).digest())
+        return sign_canonical(self.signing, topic, seq_no, message_id, data)
 
 
 # === 12. Broker ===================================================================================
@@ -2811,6 +2825,9 @@ class Broker:
         client.out.clear()
         client.held = None
         client.inbox = None
+        if client.expires is not None:
+            client.expires = None
+            self._compact_expiries()
         self.connections -= 1
 
     def closed(self, code: int) -> None:
@@ -2857,8 +2874,23 @@ class Broker:
         if exp is None:
             client.expires = None
             return
-        deadline = client.expires = self.clock() + (exp + self.auth.leeway - self.auth.wall())
-        heapq.heappush(self.expiries, (deadline, next(self._expiry_order), client))
+        deadline = self.clock() + (exp + self.auth.leeway - self.auth.wall())
+        if deadline != client.expires:
+            client.expires = deadline
+            heapq.heappush(self.expiries, (deadline, next(self._expiry_order), client))
+            self._compact_expiries()
+
+    def _compact_expiries(self) -> None:
+        """Drop the entries of refreshed and closed connections once they are half the heap, so
+        it holds about one entry per live connection however often tokens are refreshed."""
+        if len(self.expiries) > 2 * self.connections + 64:
+            kept: dict[int, tuple[float, int, Client]] = {}
+            for entry in self.expiries:
+                client = entry[2]
+                if client.expires == entry[0] and client.broker is self:
+                    kept[id(client)] = entry  # one per connection, even if a deadline came back
+            self.expiries = list(kept.values())
+            heapq.heapify(self.expiries)
 
     def _identify(self, token: Any, where: str) -> Claims:
         """Verify a token (setup, refresh): its Claims, or AUTH_FAILED, logged and counted."""
@@ -3410,6 +3442,7 @@ class Broker:
                 for topic in [t for t in topics if not client.grants.can_read(t)]:
                     del topics[topic]
                     resume.denied.append(_error_frame(_acl_denied("read", topic, field="sessionId"), msg.get("id")))
+                    self.errors["ACL_DENIED"] += 1
             if len(topics) > self.config.max_subscriptions:
                 raise self._too_many_subscriptions(field="sessionId")
             resume.topics = list(topics)
@@ -3680,6 +3713,7 @@ class MemoryBackbone:
         self._kept = 0  # topic positions the detached sessions keep, in all (bounded by max_session_topics)
         self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections
         self._subscribed: dict[str, int] = {}  # topic -> connections (the sum of the above)
+        self.signing = SigningKeys.parse(config.sign_keys) if config.sign_keys else None  # the first key signs each message
 
     def bind(self, broker: Broker) -> None:
         self.broker = broker
@@ -3707,8 +3741,8 @@ class MemoryBackbone:
             return
         epoch = self._topic(topic, now)
         seq = self._seq[topic] = self._seq[topic] + 1
-        auth = self.broker.auth
-        frame = message_frame(topic, seq, message_id, data, auth.sign(topic, seq, message_id, data) if auth.signing else None)
+        signing = self.signing
+        frame = message_frame(topic, seq, message_id, data, sign_canonical(signing, topic, seq, message_id, data) if signing else None)
         self.dedup.add(user_id, message_id, seq, now)
         self.retained.add(topic, seq, frame, now)
         done(PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0)))
@@ -4119,6 +4153,7 @@ def openapi_document(config: Config) -> dict:
                     "200": body("#/components/schemas/PublishResponse", "accepted, or a duplicate with the original seqNo", {"status": "ok", "messageId": "order-1", "seqNo": 1}),
                     "400": error("body is not valid JSON"),
                     "401": error("send Authorization: Bearer <token>"),
+                    "403": error("not allowed to write this topic"),
                     "405": error("method GET not allowed"),
                     "411": error("Transfer-Encoding is not supported: send a Content-Length"),
                     "413": error(f"request body over {config.max_body_size} bytes"),
@@ -4157,7 +4192,7 @@ def openapi_document(config: Config) -> dict:
         "info": {"title": "microsocket", "version": __version__, "description": "HTTP API of the Micro Socket pub/sub gateway. The WebSocket messages are in /asyncapi.json."},
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "any non-empty token in demo auth; a JWT (HS256 or RS256) when the server has a key"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "Stats": {
