@@ -24,7 +24,7 @@ def test_cli_help_lists_every_option():
     done = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=20, env=child_env())
     assert done.returncode == 0, done.stderr
     for field in ms.dataclasses.fields(ms.Config):
-        special = {"demo": "--no-demo", "allowed_origins": "--allowed-origin"}
+        special = {"demo": "--no-demo", "allowed_origins": "--allowed-origin", "sign_keys": "--sign-key"}
         flag = special.get(field.name, "--" + field.name.replace("_", "-"))
         assert flag in done.stdout, flag
         assert "MICROSOCKET_" + field.name.upper() in done.stdout, field.name
