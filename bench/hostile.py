@@ -720,7 +720,7 @@ class Pair:
             if line.strip() != b"ready":
                 raise RuntimeError(f"the pair did not start: {line!r}")
         except BaseException:
-            pair.kill()
+            await pair.close()
             raise
         return pair
 
@@ -733,12 +733,18 @@ class Pair:
         except (OSError, asyncio.TimeoutError, ValueError):
             return None
         finally:
-            self.kill()
+            await self.close()
 
     def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        """Kill it (by PID) and reap it, so nothing of it outlives the event loop."""
+        self.kill()
+        with contextlib.suppress(asyncio.TimeoutError, ProcessLookupError):
+            await asyncio.wait_for(self.proc.wait(), 10)
 
 
 # === attacks ===========================================================================================
@@ -866,6 +872,7 @@ async def fill_history(port: int, topic: str, messages: int, payload_bytes: int,
 async def replay_amplify(ctx: Context, p: dict) -> dict:
     """A topic full of history; one connection sends many replay {fromSeq: 1} and never reads."""
     topic = "hostile.history"
+    rss_before = proc_status(ctx.server.pid).get("VmRSS", 0)
     acked = await fill_history(ctx.port, topic, p["messages"], p["payload_bytes"])
     before = await ctx.stats()
     retained = (before or {}).get("history", {}).get("bytes")
@@ -876,14 +883,21 @@ async def replay_amplify(ctx: Context, p: dict) -> dict:
     await ws.send(b"".join(text({"type": "replay", "topic": topic, "fromSeq": 1, "id": k}) for k in range(n)))
     await ctx.sleep(p["hold"])
     during = await ctx.stats()
+    unread = ctx.sampler.figures()
     replayed = ((during or {}).get("replayed", 0) - (before or {}).get("replayed", 0))
     result = {
         "history_messages": acked, "history_bytes": retained, "requests": n, "request_bytes": len(text({"type": "replay", "topic": topic, "fromSeq": 1, "id": 0})) * n,
         "replayed_while_unread": replayed, "answered_while_unread": round(replayed / acked, 2) if acked else None,
+        # RSS before the history was filled, and its peak while the client did not read: what the
+        # history and the unread replays cost together
+        "rss_before_history": rss_before, "peak_while_unread": unread["peak_since_hot"],
+        "growth_while_unread": unread["peak_since_hot"] - rss_before,
     }
     did = f"{result['answered_while_unread']:g} of {n} replays answered while the client did not read"
     if p.get("read_after"):
         ctx.cold()
+        with contextlib.suppress(OSError):  # read fast now
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         answers, messages, order_ok = [], 0, True
         deadline = time.monotonic() + p["read_timeout"]
         while len(answers) < n and time.monotonic() < deadline:
@@ -932,10 +946,13 @@ async def presence_amplify(ctx: Context, p: dict) -> dict:
     await ws.send(b"".join(text({"type": "presence", "topic": topic, "id": k}) for k in range(n)))
     await ctx.sleep(p["hold"])
     answer_bytes = len(crowd) * (p["token_len"] + 3) + 60
-    result = {"users": len(crowd), "crowd_failed": failed, "requests": n, "answer_bytes_estimate": answer_bytes}
+    result = {"users": len(crowd), "crowd_failed": failed, "requests": n, "answer_bytes_estimate": answer_bytes,
+              "growth_while_unread": ctx.sampler.figures()["growth"]}
     did = f"{n} presence asks of ~{answer_bytes / MiB:.1f} MB answers each"
     if p.get("read_after"):
         ctx.cold()
+        with contextlib.suppress(OSError):  # read fast now
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         answers, counts, sizes = 0, set(), set()
         deadline = time.monotonic() + p["read_timeout"]
         while answers < n and time.monotonic() < deadline:
@@ -1038,7 +1055,7 @@ async def slow_readers(ctx: Context, p: dict) -> dict:
     topic = "hostile.heavy"
 
     async def one(i: int) -> RawWS:
-        ws = await RawWS.open(ctx.port, rcvbuf=p.get("rcvbuf", 8192), timeout=30, keep=256)
+        ws = await RawWS.open(ctx.port, rcvbuf=p["rcvbuf"], timeout=30, keep=256)
         ctx.keep(ws)
         await ws.setup(f"slow{i}", [topic], timeout=30)
         return ws
@@ -1085,6 +1102,9 @@ async def slow_readers(ctx: Context, p: dict) -> dict:
     stop_reading.set()
     await asyncio.gather(*slow, return_exceptions=True)
     # the drain: every reader reads what it can, fast, to find its close frame (if it was closed)
+    for ws in readers:
+        with contextlib.suppress(OSError):
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     drained = await asyncio.gather(*(ws.drain(p["drain"], until=lambda ws=ws: ws.close_code is not None) for ws in readers),
                                    return_exceptions=True)
     drain_errors = collections.Counter(type(d).__name__ for d in drained if isinstance(d, BaseException))
@@ -1206,7 +1226,7 @@ async def continuation_flood(ctx: Context, p: dict) -> dict:
     deadline = time.monotonic() + p["timeout"]
     while ws.close_code is None and not ws.eof and not answered and time.monotonic() < deadline:
         await ctx.sleep(0.02)
-    await ctx.sleep(0.3)
+    await ctx.sleep(p.get("hold", 0.3))
     ctx.cold()
     code = ws.close_code
     took = (answered[0] - started) if answered else None
@@ -1495,9 +1515,39 @@ async def bare_tcp(ctx: Context, p: dict) -> dict:
     n = min(p["conns"], limit - 100)
     socks: list[socket.socket] = []
     failed: collections.Counter = collections.Counter()
+    poller = {"requests": 0, "error": None}
+    stop_polling = asyncio.Event()
+
+    async def poll() -> None:
+        """A monitoring client: one keep-alive connection asking /healthz every 50 ms, opened before the flood."""
+        try:
+            reader, writer = await asyncio.open_connection(HOST, ctx.port)
+        except OSError as exc:
+            poller["error"] = type(exc).__name__
+            return
+        try:
+            while not stop_polling.is_set():
+                writer.write(f"GET /healthz HTTP/1.1\r\nHost: {HOST}:{ctx.port}\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+                await asyncio.wait_for(reader.readexactly(length), 5)
+                poller["requests"] += 1
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop_polling.wait(), 0.05)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, AttributeError) as exc:
+            poller["error"] = type(exc).__name__
+        finally:
+            writer.close()
+
+    polling = ctx.task(poll()) if p.get("poller") else None
+    await asyncio.sleep(0.2 if polling else 0)
     ctx.hot()
 
+    interval = 1.0 / p["rate"] if p.get("rate") else 0.0
+
     async def one(i: int) -> None:
+        if interval:
+            await asyncio.sleep(max(0.0, started + i * interval - time.monotonic()))
         try:
             socks.append(ctx.keep(await tcp_connect(ctx.port, timeout=p["connect_timeout"])))
         except asyncio.TimeoutError:
@@ -1506,7 +1556,7 @@ async def bare_tcp(ctx: Context, p: dict) -> dict:
             failed[type(exc).__name__] += 1
 
     started = time.monotonic()
-    await gather_limited(n, 500, one)
+    await gather_limited(n, 500 if not interval else n, one)
     opened = time.monotonic() - started
     await ctx.sleep(p["hold"])
     # /healthz and a fresh client, while the bare connections are held
@@ -1529,6 +1579,10 @@ async def bare_tcp(ctx: Context, p: dict) -> dict:
         checks["fresh_client"] = type(exc).__name__
     checks["fresh_client_ms"] = round((time.monotonic() - t0) * 1000, 1)
     ctx.cold()
+    stop_polling.set()
+    if polling is not None:
+        await asyncio.gather(polling, return_exceptions=True)
+        checks["poller_requests"], checks["poller_error"] = poller["requests"], poller["error"]
     # how many of the bare connections has the server closed?
     closed = 0
     for s in socks:
@@ -1546,7 +1600,10 @@ async def bare_tcp(ctx: Context, p: dict) -> dict:
             "log_tracebacks": tracebacks,
             "did": f"{len(socks):,} of {n:,} bare connections opened (server open-file limit {p.get('server_nofile')}), "
                    f"{closed:,} closed by the server; /healthz {checks['healthz']} in {checks['healthz_ms']:.0f} ms, "
-                   f"fresh client {checks['fresh_client']} in {checks['fresh_client_ms']:.0f} ms; log {len(lines):,} lines ({tracebacks:,} tracebacks)"}
+                   f"fresh client {checks['fresh_client']} in {checks['fresh_client_ms']:.0f} ms; "
+                   + (f"a keep-alive /healthz poller {'cut (' + poller['error'] + ') after ' if poller['error'] else 'kept for '}"
+                      f"{poller['requests']} requests; " if polling is not None else "")
+                   + f"log {len(lines):,} lines ({tracebacks:,} tracebacks)"}
 
 
 # === the battery ===========================================================================================
@@ -1567,8 +1624,8 @@ ATTACKS: dict[str, tuple[Callable, Callable[[float], dict]]] = {
     "fragment-hold": (fragment_hold, lambda s: {
         "conns": _sc(1000, s), "size": MAX_MESSAGE_SIZE - 1024, "rate": 0, "hold": 4.0}),
     "slow-readers": (slow_readers, lambda s: {
-        "readers": _sc(200, s), "read_bytes": 32768, "read_every": 0.5, "msg_bytes": 2000, "rate": 500, "duration": 10.0,
-        "drain": 5.0}),
+        "readers": _sc(200, s), "read_bytes": 32768, "read_every": 0.5, "rcvbuf": 8192, "msg_bytes": 2000, "rate": 500,
+        "duration": 10.0, "drain": 5.0}),
     "topic-flood": (topic_flood, lambda s: {
         "topics": _sc(200_000, s), "conns": _sc(20, s), "topic_len": 256, "burst": 2000, "rate_limit": 1000, "timeout": 60}),
     "continuation-flood": (continuation_flood, lambda s: {
@@ -1583,7 +1640,7 @@ ATTACKS: dict[str, tuple[Callable, Callable[[float], dict]]] = {
         "conns": _sc(40, s), "per_conn": 2000, "timeout": 60}),
     "setup-topics": (setup_topics, lambda s: {"topics": _sc(30_000, s), "timeout": 120}),
     "bare-tcp": (bare_tcp, lambda s: {
-        "conns": _sc(6000, s), "server_nofile": 4096, "connect_timeout": 3.0, "hold": 2.0, "check_timeout": 5.0}),
+        "conns": _sc(6000, s), "server_nofile": 4096, "connect_timeout": 3.0, "hold": 2.0, "check_timeout": 5.0, "poller": True}),
 }
 PROBE_INTERVAL = {"burst": 0.1, "continuation-flood": 0.1, "setup-topics": 0.1}
 
@@ -1670,14 +1727,18 @@ async def run_attack(name: str, server: str = DEFAULT_SERVER, scale: float = 1.0
             result["pair"] = None
         lines = srv.log().splitlines()
         result["log"] = {"lines": len(lines), "warnings": sum(" WARNING " in line for line in lines),
-                         "errors": sum(" ERROR " in line for line in lines), "tracebacks": sum(line.startswith("Traceback") for line in lines)}
+                         "errors": sum(" ERROR " in line for line in lines), "tracebacks": sum(line.startswith("Traceback") for line in lines),
+                         "excerpt": lines[:20] + (["..."] + lines[-20:] if len(lines) > 40 else lines[20:])}
     finally:
         if ctx is not None:
             ctx.close_all()
         if pair is not None:
-            pair.kill()
+            pair.kill()  # at once, whatever happens next
+            with contextlib.suppress(BaseException):
+                await pair.close()
         if sampler is not None:
             sampler.stop()
+            sampler.join(2)
         srv.cleanup()
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     return result
