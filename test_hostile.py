@@ -177,7 +177,7 @@ def test_session_hoard_drops_the_oldest_past_max_session_topics():
     20,000 positions are kept. The first session's resume gets SESSION_EXPIRED; the last one's resumes
     with its 1000 topics; the server keeps at most 20 of them (+ the pair's and the two resume
     checks')."""
-    r = attack("session-hoard", "--max-session-topics=20000", probe_interval=0, sessions=40, topics_per=1000, concurrency=4)
+    r = attack("session-hoard", "--max-session-topics=20000", probe_interval=0, sessions=40, topics_per=1000, concurrency=2)
     assert r["failed"] == 0, r
     assert r["first_resume"] == "SESSION_EXPIRED", r
     assert (r["last_resume"], r["last_resume_topics"]) == ("resumed", 1000), r
