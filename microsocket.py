@@ -3183,17 +3183,19 @@ class Broker:
         limit = self.config.max_connections_per_user
         if limit and self.users[user_id] >= limit:
             raise ClientError("TOO_MANY_CONNECTIONS", f"{user_id!r} has {limit} connections already (the per-user limit)", field="token")
-        topics = [] if client.bound_topic is None else [client.bound_topic]
+        topics = {} if client.bound_topic is None else {client.bound_topic: None}  # a dict: ordered, without repeats
         requested = msg.get("topics")
         if requested is not None:
             if not isinstance(requested, list):
                 raise ClientError("INVALID_MESSAGE", "'topics' must be an array of topics", field="topics")
+            limit = self.config.max_subscriptions
             for topic in requested:
                 check_topic(topic, self.config.max_topic_length, "topics")
                 if client.bound_topic is not None and topic != client.bound_topic:
                     raise _topic_locked(client, field="topics", topic=topic)
-                if topic not in topics:
-                    topics.append(topic)
+                topics[topic] = None
+                if len(topics) > limit:  # refused as soon as it is known: linear, however long the list
+                    raise self._too_many_subscriptions(field="topics")
         if len(topics) > self.config.max_subscriptions:
             raise self._too_many_subscriptions(field="topics")
         if grants is not None:
@@ -4425,6 +4427,9 @@ class ServerConnection(Client, asyncio.Protocol):
         if self.ws is not None:
             self._websocket_data(data)
         elif self.reader is not None:
+            pending = self.server.pending
+            if self in pending:
+                pending.move_to_end(self)  # active: the one idle longest is evicted first
             self._http_data(data)
 
     def eof_received(self) -> bool | None:
