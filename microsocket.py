@@ -2170,8 +2170,13 @@ def es_number(value: float) -> str:
         raise _not_ijson(f"{value!r} is not a finite number (RFC 8785 §3.2.2.3)")
     if value == 0:
         return "0"  # "If m is +0 or -0, return the String "0"."
-    if value.is_integer() and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+    integral = value.is_integer()
+    if integral and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
         return str(int(value))  # every digit exact; no shorter spelling reads back as this double
+    if not integral and 1e-4 <= abs(value) < 1e16:
+        # The common case: Python's repr writes these positionally with the same shortest digits,
+        # exactly as ECMAScript does (the two differ only in where they switch to exponents).
+        return repr(value)
     sign = "-" if value < 0 else ""
     # repr is the shortest string that reads back as the same double (David Gay's algorithm, as
     # ECMA-262 asks: "k is as small as possible"). Take its digits s and the n of s × 10^(n-k).
@@ -2205,6 +2210,8 @@ _JCS_ESCAPES.update({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "
 
 
 def _jcs_string(text: str) -> str:
+    if text.isascii() and not _JCS_ESCAPE.search(text):
+        return '"' + text + '"'  # the common case: nothing to escape, no surrogate possible
     if _SURROGATE.search(text):  # RFC 7493 §2.1: I-JSON strings are Unicode text, no lone surrogates
         raise _not_ijson("a string holds a lone surrogate (\\ud800-\\udfff), which is not I-JSON")
     return '"' + _JCS_ESCAPE.sub(lambda m: _JCS_ESCAPES[m.group()], text) + '"'
@@ -2243,7 +2250,9 @@ def _jcs(value: Any, out: Callable[[str], Any]) -> None:
             if not isinstance(key, str):
                 raise _not_ijson(f"an object key is a {type(key).__name__}, not a string")
         out("{")
-        for index, key in enumerate(sorted(value, key=_utf16_units)):
+        # UTF-16 order is code point order unless a key holds a character past U+D7FF.
+        order = sorted(value) if all(map(str.isascii, value)) else sorted(value, key=_utf16_units)
+        for index, key in enumerate(order):
             if index:
                 out(",")
             out(_jcs_string(key))
