@@ -4596,6 +4596,7 @@ class ServerConnection(Client, asyncio.Protocol):
         if self.stream is not None:
             last = b"".join(self.stream) + last  # the rest of a long answer still goes first
             self.stream, self.stream_bytes = None, 0
+        if self.broker is not None:
             # "Last handed" is trusted only when the peer ended the connection with a close frame.
             self.broker.disconnect(self, reliable=self.ws.close_code is not None)
         if last:
