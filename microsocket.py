@@ -2170,8 +2170,13 @@ def es_number(value: float) -> str:
         raise _not_ijson(f"{value!r} is not a finite number (RFC 8785 §3.2.2.3)")
     if value == 0:
         return "0"  # "If m is +0 or -0, return the String "0"."
-    if value.is_integer() and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+    integral = value.is_integer()
+    if integral and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
         return str(int(value))  # every digit exact; no shorter spelling reads back as this double
+    if not integral and 1e-4 <= abs(value) < 1e16:
+        # The common case: Python's repr writes these positionally with the same shortest digits,
+        # exactly as ECMAScript does (the two differ only in where they switch to exponents).
+        return repr(value)
     sign = "-" if value < 0 else ""
     # repr is the shortest string that reads back as the same double (David Gay's algorithm, as
     # ECMA-262 asks: "k is as small as possible"). Take its digits s and the n of s × 10^(n-k).
@@ -2205,6 +2210,8 @@ _JCS_ESCAPES.update({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "
 
 
 def _jcs_string(text: str) -> str:
+    if text.isascii() and not _JCS_ESCAPE.search(text):
+        return '"' + text + '"'  # the common case: nothing to escape, no surrogate possible
     if _SURROGATE.search(text):  # RFC 7493 §2.1: I-JSON strings are Unicode text, no lone surrogates
         raise _not_ijson("a string holds a lone surrogate (\\ud800-\\udfff), which is not I-JSON")
     return '"' + _JCS_ESCAPE.sub(lambda m: _JCS_ESCAPES[m.group()], text) + '"'
@@ -2243,7 +2250,9 @@ def _jcs(value: Any, out: Callable[[str], Any]) -> None:
             if not isinstance(key, str):
                 raise _not_ijson(f"an object key is a {type(key).__name__}, not a string")
         out("{")
-        for index, key in enumerate(sorted(value, key=_utf16_units)):
+        # UTF-16 order is code point order unless a key holds a character past U+D7FF.
+        order = sorted(value) if all(map(str.isascii, value)) else sorted(value, key=_utf16_units)
+        for index, key in enumerate(order):
             if index:
                 out(",")
             out(_jcs_string(key))
@@ -3183,23 +3192,25 @@ class Broker:
         limit = self.config.max_connections_per_user
         if limit and self.users[user_id] >= limit:
             raise ClientError("TOO_MANY_CONNECTIONS", f"{user_id!r} has {limit} connections already (the per-user limit)", field="token")
-        topics = [] if client.bound_topic is None else [client.bound_topic]
+        topics = {} if client.bound_topic is None else {client.bound_topic: None}  # a dict: ordered, without repeats
         requested = msg.get("topics")
         if requested is not None:
             if not isinstance(requested, list):
                 raise ClientError("INVALID_MESSAGE", "'topics' must be an array of topics", field="topics")
+            limit = self.config.max_subscriptions
             for topic in requested:
                 check_topic(topic, self.config.max_topic_length, "topics")
                 if client.bound_topic is not None and topic != client.bound_topic:
                     raise _topic_locked(client, field="topics", topic=topic)
-                if topic not in topics:
-                    topics.append(topic)
+                topics[topic] = None
+                if len(topics) > limit:  # refused as soon as it is known: linear, however long the list
+                    raise self._too_many_subscriptions(field="topics")
         if len(topics) > self.config.max_subscriptions:
             raise self._too_many_subscriptions(field="topics")
         if grants is not None:
             for topic in topics:
-                if not grants.can_read(topic):
-                    raise _acl_denied("read", topic, field="topics")
+                if not grants.can_read(topic):  # a sub-socket's own topic came from its URL, not from 'topics'
+                    raise _acl_denied("read", topic, field=None if topic == client.bound_topic else "topics")
         # Checked in full before anything changes: a refused setup leaves the connection as it was.
         client.user_id = user_id
         client.grants = grants
@@ -4048,7 +4059,7 @@ class App:
         message_id = f"demo-{next(self._demo_ids)}-{secrets.token_hex(4)}"
         return self._publish("demo", topic, message_id, data, lambda r: {
             "ok": True, "topic": topic, "messageId": r.message_id, "seqNo": r.seq_no, "subscribers": r.subscribers,
-        })
+        }, self.broker.auth.grants("demo"))  # the ACL file's grants for the user "demo", if there is one
 
     def post_publish(self, request: Request) -> Response:
         scheme, _, token = (request.header("authorization") or "").partition(" ")
@@ -4370,7 +4381,7 @@ _CLOSE_REASONS = {CloseCode.SESSION_TAKEN_OVER: "session taken over by another c
 
 class ServerConnection(Client, asyncio.Protocol):
     __slots__ = (
-        "server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent",
+        "server", "transport", "reader", "ws", "closing_since", "close_grace", "lost", "deadline", "active", "idle_since", "ping_sent",
         "answering", "backlogged", "input_held", "deferred", "stream", "stream_bytes",
     )
 
@@ -4381,6 +4392,7 @@ class ServerConnection(Client, asyncio.Protocol):
         self.reader: RequestReader | None = RequestReader(server.config.max_head_size, server.config.max_body_size)
         self.ws: WebSocketConnection | None = None
         self.closing_since: float | None = None  # when our close frame went out, waiting for theirs
+        self.close_grace = server.config.close_timeout  # how long the sweep waits for theirs
         self.lost = False
         self.deadline = server.clock() + server.config.handshake_timeout  # HTTP head, then setup
         self.active = False  # bytes arrived since the last tick
@@ -4425,6 +4437,9 @@ class ServerConnection(Client, asyncio.Protocol):
         if self.ws is not None:
             self._websocket_data(data)
         elif self.reader is not None:
+            pending = self.server.pending
+            if self in pending:
+                pending.move_to_end(self)  # active: the one idle longest is evicted first
             self._http_data(data)
 
     def eof_received(self) -> bool | None:
@@ -4581,6 +4596,7 @@ class ServerConnection(Client, asyncio.Protocol):
         if self.stream is not None:
             last = b"".join(self.stream) + last  # the rest of a long answer still goes first
             self.stream, self.stream_bytes = None, 0
+        if self.broker is not None:
             # "Last handed" is trusted only when the peer ended the connection with a close frame.
             self.broker.disconnect(self, reliable=self.ws.close_code is not None)
         if last:
@@ -4658,9 +4674,13 @@ class ServerConnection(Client, asyncio.Protocol):
 
     def shed(self, code: int, reason: str) -> None:
         """Drop what is queued for this client and close it with `code` (4001: its output is
-        over a limit). Not sent: the client resumes from history."""
+        over a limit). Not sent: the client resumes from history. What the socket still holds
+        goes with the TCP connection at the next sweep if the closing handshake has not ended by
+        then: a reader that far behind would take seconds to reach the close frame, and the
+        memory is what the limit is for (the client sees 1006, and resumes the same way)."""
         self.out.clear()
         self.stream, self.stream_bytes = None, 0
+        self.close_grace = TICK
         self.close_websocket(code, reason, reliable=False)
 
     def buffered(self) -> int:
@@ -4693,7 +4713,7 @@ class ServerConnection(Client, asyncio.Protocol):
                 self.transport.close()  # request head not complete in time (or idle keep-alive)
             return
         if self.closing_since is not None:
-            if now - self.closing_since >= self.server.config.close_timeout:
+            if now - self.closing_since >= self.close_grace:
                 self.transport.abort()  # no close frame from the peer in time
             return
         if ws.state != OPEN or self.is_echo or self.broker is None:

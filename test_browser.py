@@ -10,10 +10,15 @@ with a timeout. Every test skips, saying what is missing, without playwright or 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
+import hashlib
+import hmac
 import json
 import os
 import shutil
+import time
 import urllib.parse
 
 import pytest
@@ -354,3 +359,198 @@ def test_shown_client_source_is_the_code_the_console_runs(server_factory, tmp_pa
         running = page.evaluate("window.microsocketClient.constructor.toString()")
         assert shown.strip() == running.strip()
         assert "class MicroSocketClient" in shown and "epochs" in shown
+
+
+# === signed messages: the console checks each message's sig =======================================
+
+SIGN_SECRET = "a-signing-secret-of-at-least-32-bytes"
+# RFC 8785 §3.2.3's sorting example (keys ordered by UTF-16 code units, not by code points: the
+# emoji, a surrogate pair, sorts before U+FB33) and numbers whose ECMAScript form differs from
+# Python's repr: what the page's own JCS must write exactly as the server's to verify.
+TRICKY = {
+    "case": "tricky",
+    "sort": {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
+             "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"},
+    "numbers": [2.0, 1e21, 1e-7, -0.0, 0.1, 333333333.33333329, 9007199254740992, -1.5e-300, 4.35],
+    "strings": ["\u2028", "\x7f", "\x1f\"\\/", "é"],
+}
+
+
+def signature_of(page, marker: str) -> tuple[str | None, dict]:
+    """(the console's signature verdict, the message as received) of the one received message whose text contains `marker`."""
+    entry = log_entry(page, "message", marker)
+    return entry.get_attribute("data-signature"), json.loads(entry.evaluate("d => d._raw"))
+
+
+def test_console_verifies_message_signatures(server_factory, tmp_path):
+    """With the server's --sign-key KID=SECRET in the console's signing key field, every message
+    (one published by the page, one from the server with RFC 8785's key-order and number cases) is
+    shown as "signature ok"; with a wrong secret for that kid as "signature bad"; with another kid as
+    "unknown kid"; without a key as signed but not checked."""
+    server = server_factory(sign_keys=("k1=" + SIGN_SECRET,))
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        expect(page.locator("#sign-hint")).to_contain_text("this server signs every message")
+        page.fill("#sign-key", "k1=" + SIGN_SECRET)
+        expect(page.locator("#sign-hint")).to_contain_text('checked against key "k1"')
+        connect_and_subscribe(page, expect)
+
+        page.select_option("#type", "publish")
+        page.fill("#payload", '{"price": 42.0, "sym": "BTC", "z": {"b": [1e21, -0.5], "a": null}}')
+        message_id = json.loads(page.locator("#preview").inner_text())["messageId"]
+        page.click("#send")
+        expect(log_entry(page, "message", message_id)).to_have_attribute("data-signature", "ok")
+        expect(log_entry(page, "message", message_id).locator(".sig")).to_have_text("signature ok")
+        verdict, msg = signature_of(page, message_id)
+        assert msg["kid"] == "k1" and msg["sig"] == ms.sign_message(SIGN_SECRET.encode(), TOPIC, msg["seqNo"], message_id, msg["data"])
+
+        server.publish(TOPIC, TRICKY)
+        expect(log_entry(page, "message", '"case":"tricky"')).to_have_attribute("data-signature", "ok")
+
+        # The same kid with another secret: every signature is bad.
+        page.fill("#sign-key", "k1=" + "x" * 40)
+        server.publish(TOPIC, {"case": "wrong-secret"})
+        expect(log_entry(page, "message", '"case":"wrong-secret"')).to_have_attribute("data-signature", "bad")
+        expect(log_entry(page, "message", '"case":"wrong-secret"').locator(".sig")).to_have_text("signature bad")
+
+        # A key for another kid only: the message names a key the page does not hold.
+        page.fill("#sign-key", "k2=" + SIGN_SECRET)
+        server.publish(TOPIC, {"case": "other-kid"})
+        expect(log_entry(page, "message", '"case":"other-kid"')).to_have_attribute("data-signature", "unknown-kid")
+
+        # No key: signed, not checked.
+        page.fill("#sign-key", "")
+        server.publish(TOPIC, {"case": "no-key"})
+        expect(log_entry(page, "message", '"case":"no-key"')).to_have_attribute("data-signature", "unchecked")
+
+        # The right key again: a replay of the first messages verifies (history keeps the signature).
+        page.fill("#sign-key", "k1=" + SIGN_SECRET)
+        page.select_option("#type", "replay")
+        page.fill("#fromSeq", "1")
+        page.click("#send")
+        expect(log_entry(page, "replayed")).to_have_count(1)
+        replayed = page.locator('#log .entry[data-type="message"][data-dir="in"][data-signature="ok"]')
+        expect(replayed).to_have_count(2 + 5)  # the two verified before, and all five again
+
+
+def test_console_marks_unsigned_messages_when_a_key_is_given(server_factory, tmp_path):
+    """With a signing key in the console but a server that does not sign, each message is shown as
+    "unsigned" (a stripped signature is not taken for a good one), and the hint says the server does not sign."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        page.fill("#sign-key", "k1=" + SIGN_SECRET)
+        expect(page.locator("#sign-hint")).to_contain_text("this server does not sign")
+        connect_and_subscribe(page, expect)
+        server.publish(TOPIC, {"case": "plain"})
+        expect(log_entry(page, "message", '"case":"plain"')).to_have_attribute("data-signature", "unsigned")
+        expect(log_entry(page, "message", '"case":"plain"').locator(".sig")).to_have_text("unsigned")
+
+
+# === JWT auth: the token hint, expiresAt, refresh and 4003 ========================================
+
+JWT_SECRET = "a-jwt-secret-of-at-least-thirty-two-bytes"
+
+
+def hs256_token(secret: str, **claims) -> str:
+    """A compact JWS (HS256) of `claims`, made with the standard library only."""
+    b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+    return f"{head}.{body}.{sig}"
+
+
+def iso(exp: int) -> str:
+    """Unix seconds as the console writes them (Date.toISOString without milliseconds)."""
+    return datetime.datetime.fromtimestamp(exp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_console_shows_expiry_refreshes_and_explains_4003(server_factory, tmp_path):
+    """With JWT auth the token hint asks for a JWT; the console shows ready's expiresAt, its Refresh
+    token button sends refresh and shows the refreshed expiresAt (which keeps the connection open past
+    the first exp); a token for another user gets AUTH_FAILED and changes nothing; once a refreshed
+    short token's exp has passed, the server closes with 4003 and the console says why."""
+    clock = FakeClock()
+    server = server_factory(clock=clock, jwt_secret=JWT_SECRET, jwt_leeway=0)
+    now = int(time.time())
+    first, second, last = now + 60, now + 7200, now + 30
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        expect(page.locator("#token-hint")).to_contain_text("JWT auth: paste a JWT")
+        expect(page.locator("#demo-hint")).to_contain_text("off")  # /demo/publish is off with JWT auth
+        page.fill("#token", hs256_token(JWT_SECRET, sub="alice", exp=first))
+        page.check("#autosetup")
+        page.click("#connect")
+        expect(log_entry(page, "ready", '"userId":"alice"')).to_have_count(1)
+        assert json.loads(log_entry(page, "ready").locator(".tx").inner_text())["expiresAt"] == first
+        expect(page.locator("#expiry")).to_contain_text(f"alice expires: {iso(first)} (in ")
+
+        page.fill("#token", hs256_token(JWT_SECRET, sub="alice", exp=second))
+        page.click("#refresh")
+        expect(log_entry(page, "refreshed", f'"expiresAt":{second}')).to_have_count(1)
+        expect(page.locator("#expiry")).to_contain_text(iso(second))
+        clock.advance(120)  # past the first token's exp on the server's clock
+        server.tick()
+        expect(page.locator("#state")).to_have_text("open")
+
+        page.fill("#token", hs256_token(JWT_SECRET, sub="bob", exp=second))
+        page.click("#refresh")
+        expect(log_entry(page, "error", "AUTH_FAILED")).to_have_count(1)
+        expect(log_entry(page, "error", "AUTH_FAILED")).to_contain_text("the new token names another user")
+        expect(page.locator("#expiry")).to_contain_text(iso(second))
+        assert server.stats()["auth_refused"]["refresh"] == 1
+
+        page.fill("#token", hs256_token(JWT_SECRET, sub="alice", exp=last))
+        page.click("#refresh")
+        expect(log_entry(page, "refreshed", f'"expiresAt":{last}')).to_have_count(1)
+        clock.advance(60)
+        server.tick()
+        expect(page.locator("#state")).to_have_text("closed")
+        expect(page.locator("#close-info")).to_contain_text("4003")
+        expect(page.locator("#close-info")).to_contain_text("token expired")
+
+
+def test_client_drops_topics_the_token_may_no_longer_read(server_factory, tmp_path):
+    """A resume with a token that may not read one of the session's topics gets ACL_DENIED for it and
+    still completes with `resumed` (the client neither takes the error for the resume's answer nor
+    keeps the topic); a refresh whose grants no longer cover a subscription ends it, and the client
+    drops that topic too."""
+    server = server_factory(jwt_secret=JWT_SECRET)
+    both = hs256_token(JWT_SECRET, sub="alice", read=["prices", "news"], write=["*"])
+    prices_only = hs256_token(JWT_SECRET, sub="alice", read=["prices"])
+    nothing = hs256_token(JWT_SECRET, sub="alice", read=[])
+    with console_page(server.port, tmp_path) as (page, expect):
+        page.fill("#token", both)
+        connect_and_subscribe(page, expect)
+        page.fill("#topic", "news")
+        page.click("#send")
+        expect(log_entry(page, "subscribed", '"topic":"news"')).to_have_count(1)
+        server.publish("news", {"n": 1})
+        expect(log_entry(page, "message", '"n":1')).to_have_count(1)
+
+        page.click("#disconnect")
+        expect(page.locator("#state")).to_have_text("closed")
+        wait_until(lambda: server.stats()["connections"] == 0, what="the server to see the close")
+        server.publish("news", {"n": 2})
+        page.fill("#token", prices_only)
+        page.click("#resume")
+        expect(log_entry(page, "resumed")).to_have_count(1)
+        denied = log_entry(page, "error", "ACL_DENIED")
+        expect(denied).to_have_count(1)
+        expect(denied).to_contain_text('"topic":"news"')
+        resumed = json.loads(log_entry(page, "resumed").locator(".tx").inner_text())
+        assert resumed["topics"] == ["prices"] and resumed["replayed"] == 0, resumed
+        expect(log_entry(page, "message", '"n":2')).to_have_count(0)
+        state = page.evaluate("c => ({topics: [...c.topics], wanted: [...c.wanted], positions: Object.keys(c.positions), pending: c.pending.size, held: c.held})",
+                              page.evaluate_handle("window.microsocketClient"))
+        assert state == {"topics": ["prices"], "wanted": ["prices"], "positions": ["prices"], "pending": 0, "held": None}, state
+
+        page.fill("#token", nothing)
+        page.click("#refresh")
+        expect(log_entry(page, "refreshed")).to_have_count(1)
+        ended = log_entry(page, "error", "the subscription ended")
+        expect(ended).to_have_count(1)
+        expect(ended).to_contain_text('"topic":"prices"')
+        assert page.evaluate("c => [...c.topics, ...c.wanted]", page.evaluate_handle("window.microsocketClient")) == []
+        assert server.stats()["subscriptions"] == 0

@@ -1155,3 +1155,40 @@ def test_buffer_budget_closes_the_largest_unsent_output_with_4001(server_factory
         assert stuck.recv_close() == ms.CloseCode.SLOW_CONSUMER
         server.publish("t", "after")
         assert reader.recv_json()["data"] == "after"
+
+
+def test_clean_close_keeps_last_handed_so_resume_replays_nothing(server_factory):
+    """A client that received seqNo 1-3 (without acking) and closed with a close frame resumes
+    from the last seqNo handed to it: `resume` without lastSeqPerTopic replays nothing; a client
+    whose TCP connection just dropped gets 1-3 again (last handed is not trusted then)."""
+    server = server_factory()
+    with RawClient(server.port) as first:
+        first.handshake()
+        session = first.setup(topics=["clean"])["sessionId"]
+        for k in range(3):
+            server.publish("clean", k)
+        assert [first.recv_json()["seqNo"] for _ in range(3)] == [1, 2, 3]
+        first.send(masked(ms.Opcode.CLOSE, ms.serialize_close(1000), mask=os.urandom(4)))
+        assert first.recv_close() == 1000
+    with RawClient(server.port) as second:
+        second.handshake()
+        second.setup()
+        second.send_json({"type": "resume", "sessionId": session})
+        resumed = second.recv_json()
+        assert resumed["type"] == "resumed" and resumed["replayed"] == 0, resumed
+    with RawClient(server.port) as third:
+        third.handshake()
+        session = third.setup(topics=["dropped"])["sessionId"]
+        for k in range(3):
+            server.publish("dropped", k)
+        assert [third.recv_json()["seqNo"] for _ in range(3)] == [1, 2, 3]
+        third.reset()
+    wait_until(lambda: server.call(lambda: server.server.broker.connections) == 0, what="the dropped connection to go")
+    with RawClient(server.port) as fourth:
+        fourth.handshake()
+        fourth.setup()
+        fourth.send_json({"type": "resume", "sessionId": session})
+        seqs = []
+        while (msg := fourth.recv_json())["type"] == "message":
+            seqs.append(msg["seqNo"])
+        assert msg["type"] == "resumed" and seqs == [1, 2, 3], (msg, seqs)

@@ -1197,6 +1197,14 @@ def test_demo_publish_route(config, status):
     assert d.stats()["published"] == (1 if status == 200 else 0)
 
 
+def test_demo_publish_is_under_the_acl_file_grants_of_demo(tmp_path):
+    """With an ACL file, GET /demo/publish publishes only where the file lets the user "demo" write (403 elsewhere, nothing sequenced)."""
+    d = BrokerDriver(acl=write_json(tmp_path, "acl.json", {"demo": {"write": ["open.*"]}}))
+    assert respond(d, d.app(), make_request("GET", "/demo/publish/open.x?a=1")).status == 200
+    assert respond(d, d.app(), make_request("GET", "/demo/publish/closed?a=1")).status == 403
+    assert d.stats()["published"] == 1
+
+
 def test_demo_auth_warns_at_start_and_jwt_does_not(server_factory, caplog):
     """Demo auth logs a WARNING at every start saying so; a JWT server does not; a JWT server with --demo warns that /demo/publish publishes without a token."""
     caplog.set_level(logging.INFO, logger="microsocket")
