@@ -66,14 +66,17 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 try:
     import resource  # the open-file limit (Unix)
@@ -224,6 +227,60 @@ _WIRE_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
 def is_valid_close_code(code: int) -> bool:
     """True if `code` may appear in a close frame (RFC 6455 §7.4)."""
     return code in _WIRE_CLOSE_CODES or 3000 <= code <= 4999
+
+
+# The Redis backbone (section 13): its wire limits, then its timing.
+# A bulk string's declared length. A history entry is one message (MAX_MESSAGE_SIZE, 1 MiB by
+# default) in its JSON envelope; 64 MiB leaves room for a raised --max-message-size. Redis's own
+# ceiling (proto-max-bulk-len) is 512 MiB: past this one the link is dropped instead of buffered.
+RESP_MAX_BULK = 64 << 20
+# Elements of one array, map or set. The longest reply the backbone asks for is one page of
+# history (two elements an entry) or a pipeline's worth of EXEC; 1 Mi elements is far past both.
+# Lists grow as their elements arrive (at least 3 bytes each on the wire), never preallocated from
+# the declared count, so the bound is about what a broken peer can make us wait for.
+RESP_MAX_LENGTH = 1 << 20
+# Aggregates open inside one another. The backbone's own replies nest 2 deep (a history page); the
+# deepest Redis 7.0 builds are COMMAND INFO in RESP3 (9), COMMAND DOCS (8) and XINFO STREAM FULL (7),
+# as measured. 16 takes any of them; deeper is a broken or hostile peer.
+RESP_MAX_DEPTH = 16
+# Bytes of a line (type byte included, CRLF not): a simple string, error, number or header. Redis's are a word or a
+# sentence (errors name a script, never its data); a peer sending more without a CRLF is not Redis.
+RESP_MAX_LINE = 64 << 10
+# Digits of a RESP3 big number: int() of a digit string costs time quadratic in its length.
+RESP_MAX_BIG_NUMBER = 1000
+# Entries the publish script looks at per call to trim history by age and dedup by window: work
+# per publish stays bounded, and since each call adds one entry, trimming keeps up.
+REDIS_TRIM_SCAN = 64
+
+REDIS_TIMEOUT = 2.0  # seconds for any request to Redis; past it: BACKBONE_UNAVAILABLE (--redis-timeout)
+# An attached session, this process's presence entries and its entry in the process registry live
+# this many seconds in Redis unless renewed; this process renews them every third of it. A process
+# killed with -9 leaves presence that is gone within the lease, and sessions that stay resumable
+# for the session TTL plus at most the lease.
+REDIS_LEASE = 15.0
+REDIS_BACKOFF_MIN = 0.05  # seconds before the first reconnect attempt; doubled per failure ...
+REDIS_BACKOFF_MAX = 2.0  # ... up to this; each wait drawn from [delay/2, delay] (jitter)
+# An ack's position is written at most this often per session and topic: a client that acks every
+# message costs Redis one write per 50 ms, not one per message. A take-over writes the final
+# positions itself, so only a process that dies loses up to this much of its acks (a few messages
+# replayed twice on resume, never one lost). A new position (subscribe, resume) goes at once.
+REDIS_TRACK_DELAY = 0.05
+REDIS_MAX_BACKLOG = 100_000  # requests held while Redis is unreachable; past it they fail at once
+REDIS_STATS_INTERVAL = 5.0  # seconds between reads of the figures /stats shows from Redis
+REDIS_STATS_TOPICS = 1000  # received topics whose history is counted for /stats (XLEN each)
+REDIS_SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE when resubscribing after a reconnect
+MAX_SEQ = 2**53 - 1  # a seqNo from a client past this is clamped: Lua numbers are doubles
+# Entries the publish script looks at per call to trim history by age (and dedup by window). Its
+# XRANGE copies whole messages into Lua, so this is per-publish work times the message size:
+# measured on Redis 7.0, 1000 publishes of 100 B took 227 ms with REDIS_TRIM_SCAN's 64, 77 ms with 2
+# and 102 ms with 4; of 16 KiB, 2505 ms, 324 ms and 380 ms. Each publish adds one entry, so
+# trimming up to 4 keeps up (reads skip what is past the age meanwhile; MAXLEN bounds the rest).
+REDIS_PUBLISH_SCAN = 4
+
+# --workers N (section 16).
+WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again ...
+WORKER_RESTART_MAX = 30.0  # ... doubled while workers keep dying within a minute, up to this
+WORKER_STOP_TIMEOUT = 10.0  # seconds the workers get to close their connections (1001) before SIGKILL
 
 
 # === 2. Errors ====================================================================================
@@ -984,10 +1041,11 @@ ERROR_CODES = (
     "RATE_LIMITED",
     "SESSION_EXPIRED",
     "REPLAY_UNAVAILABLE",
+    "BACKBONE_UNAVAILABLE",
     "INTERNAL_ERROR",
 )
-# SPEC codes this version never sends: a backbone that can fail (Redis) is planned.
-PLANNED_ERROR_CODES = ("BACKBONE_UNAVAILABLE",)
+# SPEC codes this version never sends (none: the Redis backbone sends BACKBONE_UNAVAILABLE).
+PLANNED_ERROR_CODES: tuple[str, ...] = ()
 
 # Whitespace, C0/C1 controls, surrogates and "*" (reserved for ACL patterns) are not allowed, nor
 # Unicode format characters (category Cf: bidi overrides, zero-width joiners and spaces, soft
@@ -2933,6 +2991,29 @@ class Broker:
             self.backbone.history(topic, feed.seq + 1, seq - 1, lambda r: self._gap_read(topic, feed, seq - 1, r))
         # else: at or below what was delivered here already (a repeat): dropped
 
+    def resync(self, topic: str, position: TopicPosition) -> None:
+        """Broker.resync(topic, position): the backbone may have missed deliveries of `topic` (its
+        subscription was down for a while, and came back) and says where the topic stands now. A new
+        epoch is passed on to the subscribers (an unasked `subscribed`, as for a live epoch change);
+        what was published meanwhile is read from history and delivered before anything later, as a
+        gap is; what history no longer holds closes the subscribers with 1011, so they resume and are
+        told it was missed. A feed still joining or filling a gap does it once ready, unless it learnt
+        of another epoch meanwhile (then the position is older than what it knows).
+        """
+        feed = self.feeds.get(topic)
+        if feed is None:
+            return  # not received here any more
+        epoch, seq = position
+        if not feed.ready:
+            known = feed.epoch
+            self._when_ready(feed, lambda feed: feed.epoch == known and self.resync(topic, position))
+            return
+        if epoch != feed.epoch:
+            self._new_epoch(topic, feed, epoch)
+        if seq > feed.seq:
+            feed.ready = False
+            self.backbone.history(topic, feed.seq + 1, seq, lambda result: self._gap_read(topic, feed, seq, result))
+
     def take_over(self, holder: Client) -> None:
         """The session `holder` held was resumed elsewhere: detach it now, close it with 4002."""
         if holder.broker is self:
@@ -3611,6 +3692,7 @@ class Broker:
             "errors": dict(self.errors),
             "auth_refused": {where: self.auth.refusals[where] for where in AUTH_ENTRY_POINTS},
             "disconnects": {str(k): v for k, v in sorted(self.disconnects.items(), key=str)},
+            **({"redis": shared["redis"]} if "redis" in shared else {}),
         }
 
     def metrics(self) -> str:
@@ -3916,6 +3998,1832 @@ class MemoryBackbone:
 
 
 
+# --- 13a. Talking to Redis: RESP, keys and scripts ----------------------------------------------
+
+# -- section 13: errors (they stay inside the backbone: section 2's four cross sections) ----------
+
+
+class RespError(Exception):
+    """The byte stream from Redis is not RESP, or a reply is over a limit: drop the link.
+
+    The parser cannot find the start of the next reply after this, so it stays failed: every later
+    `next_reply` raises the same error. The backbone turns it into BACKBONE_UNAVAILABLE and a
+    reconnect, like a closed socket."""
+
+
+class RedisReplyError(Exception):
+    """An error reply (`-NOSCRIPT No matching script...`), returned as a value: the caller decides.
+
+    `message` is the whole text, `prefix` its first word (ERR, NOSCRIPT, WRONGTYPE, BUSY, ...),
+    the error's kind by Redis's convention. Raise it if that is what the caller wants."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def prefix(self) -> str:
+        return self.message.split(" ", 1)[0]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.message == self.message
+
+    def __hash__(self) -> int:
+        return hash(self.message)
+
+    def __repr__(self) -> str:
+        return f"RedisReplyError({self.message!r})"
+
+
+class Push(list):
+    """A RESP3 push (`>`): data Redis sends on its own, such as a pub/sub message after HELLO 3,
+    which may arrive between replies. A list, so `reply[0]` is its kind (b"message", ...)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Push({list.__repr__(self)})"
+
+
+# -- section 13: RESP codec (sans-I/O) ------------------------------------------------------------
+#
+# RESP2 (https://redis.io/docs/reference/protocol-spec/): every reply starts with a type byte and
+# ends its header line with CRLF:
+#
+#     +OK\r\n                   simple string          :42\r\n            integer
+#     -ERR message\r\n          error                  $5\r\nhello\r\n    bulk string ($-1: null)
+#     *2\r\n:1\r\n$1\r\nx\r\n     array of 2 replies (*-1: null)
+#
+# RESP3 adds _ (null), # (t/f), , (double), ( (big number), ! (blob error), = (verbatim), % (map of
+# n pairs), ~ (set), > (push) and | (attribute: a map annotating the reply after it). Its streamed
+# forms ($?, *? with ; chunks) are refused as malformed lengths: Redis never sends them.
+#
+# Theory of operation. `feed` appends to one buffer; `next_reply` parses from an offset and keeps,
+# between calls, everything it learnt: the aggregates still open (a stack, never recursion), the
+# length of a bulk string whose header is read, and how far it already looked for a line end. So
+# a large bulk string arriving a byte at a time costs one length comparison per call, not a new
+# parse from the start, and a line is searched once for its LF however it was cut: linear time
+# on any input. Consumed bytes are dropped from the front once they are half the buffer.
+# Malformed input (an unknown type byte, a length that is not strict decimal, a line end other
+# than CRLF, a bulk string not followed by CRLF) and input over the limits raise RespError.
+
+
+class _NeedMore:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE = _NeedMore()  # next_reply's answer until a whole reply has arrived (None is a reply)
+
+_DOUBLE = re.compile(rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?inf|nan")
+_AGGREGATES = frozenset(b"*%~>|")
+_BLOBS = frozenset(b"$!=")
+
+
+class RespParser:
+    """Replies from Redis, from bytes fed in any pieces (the model is hiredis's Reader)."""
+
+    __slots__ = ("max_bulk", "max_length", "max_depth", "_buf", "_pos", "_scan", "_bulk", "_stack", "_error")
+
+    def __init__(self, max_bulk: int = RESP_MAX_BULK, max_length: int = RESP_MAX_LENGTH, max_depth: int = RESP_MAX_DEPTH) -> None:
+        self.max_bulk = max_bulk
+        self.max_length = max_length
+        self.max_depth = max_depth
+        self._buf = bytearray()
+        self._pos = 0  # start of what is not parsed yet
+        self._scan = 0  # no LF in _buf[_pos:_scan]: where to look on from
+        self._bulk: tuple[int, int] | None = None  # (type byte, length) of a blob whose header is read
+        self._stack: list[list] = []  # open aggregates: [type byte, elements still to come, items]
+        self._error: RespError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes from the connection, cut anywhere (ignored once the parser has failed)."""
+        if self._error is not None:
+            return
+        buf = self._buf
+        pos = self._pos
+        if pos and pos * 2 >= len(buf):  # drop what was parsed; amortised, it is copied once
+            del buf[:pos]
+            self._scan -= pos
+            self._pos = 0
+        buf += data
+
+    def next_reply(self) -> Any:
+        """The next complete reply, or NEED_MORE. Raises RespError (and keeps raising it)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._parse()
+        except RespError as exc:
+            self._error = exc
+            raise
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every complete reply fed so far, in order."""
+        while True:
+            reply = self.next_reply()
+            if reply is NEED_MORE:
+                return
+            yield reply
+
+    def buffered(self) -> int:
+        """Bytes fed and not yet consumed by a complete value."""
+        return len(self._buf) - self._pos
+
+    def _line(self) -> bytes | None:
+        """The line at _pos without its CRLF, consumed; None until its LF has arrived."""
+        buf = self._buf
+        pos = self._pos
+        end = buf.find(b"\n", self._scan)
+        if end < 0:
+            self._scan = len(buf)
+            if self._scan - pos > RESP_MAX_LINE + 1:  # + 1: its CR may be in already
+                raise RespError(f"line over {RESP_MAX_LINE} bytes without a CRLF")
+            return None
+        if end - 1 - pos > RESP_MAX_LINE:
+            raise RespError(f"line over {RESP_MAX_LINE} bytes")
+        if end == pos or buf[end - 1] != 13:  # 13: CR
+            raise RespError("line not ended by CRLF")
+        if end - pos == 1:
+            raise RespError("empty line where a reply should start")
+        line = bytes(buf[pos : end - 1])
+        if 13 in line:
+            raise RespError("CR inside a line")
+        self._pos = self._scan = end + 1
+        return line
+
+    def _parse(self) -> Any:
+        stack = self._stack
+        while True:
+            if self._bulk is not None:
+                kind, n = self._bulk
+                buf = self._buf
+                pos = self._pos
+                if len(buf) - pos < n + 2:
+                    return NEED_MORE  # one comparison per call while a large blob arrives
+                if buf[pos + n : pos + n + 2] != b"\r\n":
+                    raise RespError("bulk string not followed by CRLF")
+                value: Any = bytes(buf[pos : pos + n])
+                self._pos = self._scan = pos + n + 2
+                self._bulk = None
+                if kind == 0x21:  # ! blob error
+                    value = RedisReplyError(value.decode("utf-8", "replace"))
+                elif kind == 0x3D:  # = verbatim string: "txt:" then the text
+                    if n < 4 or value[3] != 0x3A:
+                        raise RespError("verbatim string without its format")
+                    value = value[4:]
+            else:
+                line = self._line()
+                if line is None:
+                    return NEED_MORE
+                kind = line[0]
+                rest = line[1:]
+                if kind in _BLOBS:
+                    n = self._length(rest, kind == 0x24, self.max_bulk, "bulk string")  # $ may be null
+                    if n < 0:
+                        value = None
+                    else:
+                        self._bulk = (kind, n)
+                        continue
+                elif kind in _AGGREGATES:
+                    n = self._length(rest, kind == 0x2A, self.max_length, "aggregate")  # * may be null
+                    if n < 0:
+                        value = None
+                    elif n == 0:
+                        value = self._build(kind, [])
+                        if value is _ATTRIBUTE:
+                            continue
+                    else:
+                        if len(stack) >= self.max_depth:
+                            raise RespError(f"replies nested over {self.max_depth} deep")
+                        stack.append([kind, n * 2 if kind in b"%|" else n, []])
+                        continue
+                elif kind == 0x2B:  # + simple string
+                    value = rest.decode("utf-8", "replace")
+                elif kind == 0x2D:  # - error
+                    value = RedisReplyError(rest.decode("utf-8", "replace"))
+                elif kind == 0x3A:  # : integer (signed 64-bit)
+                    value = self._integer(rest, 19)
+                elif kind == 0x5F:  # _ null
+                    if rest:
+                        raise RespError("null with data")
+                    value = None
+                elif kind == 0x23:  # # boolean
+                    if rest == b"t":
+                        value = True
+                    elif rest == b"f":
+                        value = False
+                    else:
+                        raise RespError("boolean neither t nor f")
+                elif kind == 0x2C:  # , double
+                    if len(rest) > 64 or not _DOUBLE.fullmatch(rest):
+                        raise RespError("malformed double")
+                    value = float(rest)
+                elif kind == 0x28:  # ( big number
+                    value = self._integer(rest, RESP_MAX_BIG_NUMBER)
+                else:
+                    raise RespError(f"unknown reply type {bytes((kind,))!r}")
+            # A complete value: it ends the reply, or fills the innermost open aggregate.
+            while stack:
+                top = stack[-1]
+                top[2].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                stack.pop()
+                value = self._build(top[0], top[2])
+                if value is _ATTRIBUTE:
+                    break  # annotates the value after it, which takes its place
+            else:
+                return value
+
+    @staticmethod
+    def _length(digits: bytes, nullable: bool, limit: int, what: str) -> int:
+        if digits == b"-1" and nullable:
+            return -1
+        if not digits.isdigit() or len(digits) > 19:  # strict: int() would take " 1", "+1", "1_0"
+            raise RespError(f"malformed {what} length {digits[:20]!r}")
+        n = int(digits)
+        if n > limit:
+            raise RespError(f"{what} of {n} is over the limit of {limit}")
+        return n
+
+    @staticmethod
+    def _integer(digits: bytes, max_digits: int) -> int:
+        body = digits[1:] if digits[:1] in (b"-", b"+") else digits
+        if not body.isdigit() or len(body) > max_digits:
+            raise RespError(f"malformed integer {digits[:20]!r}")
+        return int(digits)
+
+    @staticmethod
+    def _build(kind: int, items: list) -> Any:
+        if kind == 0x2A:  # *
+            return items
+        if kind == 0x3E:  # >
+            return Push(items)
+        if kind == 0x7E:  # ~
+            return {_freeze(item) for item in items}
+        if kind == 0x7C:  # | attribute: dropped
+            return _ATTRIBUTE
+        return {_freeze(items[i]): items[i + 1] for i in range(0, len(items), 2)}  # % map
+
+
+_ATTRIBUTE = object()  # what an attribute builds: not a value, the next one takes its place
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a map key or set member that is an aggregate (rare in Redis)."""
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    if isinstance(value, dict):
+        return tuple((key, _freeze(item)) for key, item in value.items())
+    if isinstance(value, set):
+        return frozenset(value)
+    return value
+
+
+def encode_command(*args: str | bytes | int) -> bytes:
+    """One command as Redis reads it: an array of bulk strings.
+
+    str is UTF-8 with "surrogatepass" (a JSON string may hold a lone surrogate, and two topics must
+    never share a key: backslash escapes would make "\\ud800" and "\\\\ud800" the same bytes), int
+    is its decimal digits, bytes go as they are. Anything else (bool, float, None) is a TypeError:
+    Redis would store a spelling we did not choose."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode("utf-8", "surrogatepass")
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            arg = b"%d" % arg
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            arg = bytes(arg)
+        else:
+            raise TypeError(f"a Redis argument must be str, bytes or int, not {type(arg).__name__}")
+        parts.append(b"$%d\r\n" % len(arg))
+        parts.append(arg)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_reply(value: Any, resp3: bool = False) -> bytes:
+    """A reply as Redis would send it (for tests and fake servers): the inverse of RespParser.
+
+    bytes -> bulk string, str -> simple string, int -> integer, RedisReplyError -> error, list ->
+    array, None -> null bulk string ($-1). With `resp3`: None -> _, bool -> #, float -> ,, dict ->
+    %, set -> ~, Push -> >, an int beyond 64 bits -> ( big number."""
+    if isinstance(value, (bytes, bytearray)):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, RedisReplyError):
+        return b"-%s\r\n" % value.message.encode()
+    if isinstance(value, str):
+        if "\r" in value or "\n" in value:
+            raise ValueError("a simple string cannot hold CR or LF")
+        return b"+%s\r\n" % value.encode()
+    if resp3:
+        if value is None:
+            return b"_\r\n"
+        if isinstance(value, bool):
+            return b"#t\r\n" if value else b"#f\r\n"
+        if isinstance(value, float):
+            text = "inf" if value == float("inf") else "-inf" if value == float("-inf") else "nan" if value != value else repr(value)
+            return b",%s\r\n" % text.encode()
+        if isinstance(value, dict):
+            return b"%%%d\r\n" % len(value) + b"".join(encode_reply(k, True) + encode_reply(v, True) for k, v in value.items())
+        if isinstance(value, (set, frozenset)):
+            return b"~%d\r\n" % len(value) + b"".join(encode_reply(v, True) for v in value)
+        if isinstance(value, Push):
+            return b">%d\r\n" % len(value) + b"".join(encode_reply(v, True) for v in value)
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if -(2**63) <= value < 2**63:
+            return b":%d\r\n" % value
+        if resp3:
+            return b"(%d\r\n" % value
+        raise ValueError("RESP2 integers are 64-bit")
+    if isinstance(value, (list, tuple)):
+        return b"*%d\r\n" % len(value) + b"".join(encode_reply(v, resp3) for v in value)
+    raise TypeError(f"no RESP{3 if resp3 else 2} form for {type(value).__name__}")
+
+
+# -- section 13: key layout -----------------------------------------------------------------------
+#
+# Every key of one topic carries the topic in a Redis Cluster hash tag, `{...}`: a cluster hashes
+# only what is inside the first braces, so a topic's meta hash, history stream and pub/sub channel
+# sit in one slot and its publish script runs on one shard. Topics and users are escaped first
+# (%, {, } and : as %25, %7B, %7D, %3A): a topic holding "}" would otherwise end the tag early and
+# "}x" would give an empty tag (hashed as the whole key, so one topic over several slots), and ":"
+# separates a user from a messageId. The escape is one-to-one, so two topics never share a key.
+#
+#     PREFIX{topic}:meta      hash: epoch (created once), seq (HINCRBY)
+#     PREFIX{topic}:history   stream: entry id = seq, fields t (ms, Redis's clock) and m (message)
+#     PREFIX{topic}           pub/sub channel: "epoch:seq:message"
+#     PREFIX dedup:{user}:seq   hash: messageId -> "seq:epoch"   (SPEC 1.1 I2: keyed by (user,
+#     PREFIX dedup:{user}:time  zset: messageId -> ms accepted    messageId), so the user's slot)
+#
+# On a cluster the dedup keys would be PREFIX{topic}:dedup:USER:seq/time instead (the topic's slot):
+# see redis_design.md for what that changes.
+
+_KEY_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"})
+
+
+def key_part(text: str) -> str:
+    """`text` with %, {, } and : escaped, so it can sit inside a hash tag and between colons."""
+    return text.translate(_KEY_ESCAPES)
+
+
+def check_prefix(prefix: str) -> str:
+    """--redis-prefix, refused if it holds a brace: the first `{` of a key must open the tag."""
+    if "{" in prefix or "}" in prefix:
+        raise ValueError("the Redis prefix must not contain { or }")
+    return prefix
+
+
+def topic_keys(prefix: str, topic: str) -> tuple[str, str, str]:
+    """(meta hash, history stream, pub/sub channel) of `topic`: one hash slot."""
+    tag = f"{prefix}{{{key_part(topic)}}}"
+    return f"{tag}:meta", f"{tag}:history", tag
+
+
+def dedup_keys(prefix: str, user: str, topic: str | None = None) -> tuple[str, str]:
+    """(messageId -> "seq:epoch" hash, messageId -> time zset) of `user`'s dedup window: in the
+    user's slot, or, given `topic` (the cluster layout), in the topic's slot for that user."""
+    if topic is None:
+        tag = f"{prefix}dedup:{{{key_part(user)}}}"
+    else:
+        tag = f"{prefix}{{{key_part(topic)}}}:dedup:{key_part(user)}"
+    return f"{tag}:seq", f"{tag}:time"
+
+
+# -- section 13: scripts --------------------------------------------------------------------------
+#
+# A publish is one script, so it is atomic: no other command runs between its steps, and two
+# publishes to one topic take their seqs and reach the channel in the same order (SPEC I3). Redis
+# does not roll a script back when a command inside it fails (what ran before stays written), so
+# every command below is one that cannot fail on keys of the right type, and the one with a
+# precondition (XADD's explicit id must be above the stream's last) has it made true first.
+# Time is Redis's (TIME), one clock for every process. Lua numbers are doubles: every number that
+# goes into a string goes through string.format('%d'), since tostring(1e15) is "1e+15".
+
+PUBLISH_LUA = r"""
+-- KEYS: 1 topic meta, 2 topic history, 3 dedup seq hash, 4 dedup time zset
+-- ARGV: 1 messageId, 2 message head, 3 message tail, 4 channel, 5 epoch if the topic has none,
+--       6 history count, 7 history age ms, 8 dedup window ms, 9 dedup entries per user,
+--       10 meta ttl ms (0: the topic is never forgotten), 11 entries looked at to trim
+-- Returns {"ok" or "duplicate", seq, epoch, processes that received it (0 for a duplicate)}
+local mid = ARGV[1]
+local count, age, window = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local per_user, meta_ttl, scan = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_ms = string.format('%d', now)
+
+-- 1. Dedup (SPEC I2): an accepted messageId inside the window gets its original seq back, takes no
+-- seq and is not published.
+local accepted = redis.call('ZSCORE', KEYS[4], mid)
+if accepted and tonumber(accepted) > now - window then
+  local original = redis.call('HGET', KEYS[3], mid)
+  if original then
+    local colon = string.find(original, ':', 1, true)
+    return {'duplicate', tonumber(string.sub(original, 1, colon - 1)), string.sub(original, colon + 1), 0}
+  end
+end
+
+-- 2. The topic's epoch, created once: only a topic whose meta is gone (never used, forgotten,
+-- flushed, evicted) takes the caller's fresh one, and its seq starts again at 1 under it.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+
+-- 3. The seq.
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local seq_text = string.format('%d', seq)
+if meta_ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], meta_ttl)
+end
+
+-- 4. History: a stream whose entry ids are the seqs, trimmed to `count` entries; entries older
+-- than `age` go from its old end, a few per publish, and the whole stream once the topic is quiet.
+local message = ARGV[2] .. seq_text .. ARGV[3]
+if seq == 1 then
+  redis.call('DEL', KEYS[2])  -- a new epoch: whatever an older one left is not its history
+end
+if count > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', count, seq_text, 't', now_ms, 'm', message)
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', scan)
+  local old = 0
+  for i = 1, #oldest do
+    if tonumber(oldest[i][2][2]) > now - age then break end
+    old = i
+  end
+  if old > 0 then
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', redis.call('XLEN', KEYS[2]) - old)
+  end
+  redis.call('PEXPIRE', KEYS[2], age)
+end
+
+-- 5. Fan-out: every process subscribed to the topic's channel gets "epoch:seq:message".
+local receivers = redis.call('PUBLISH', ARGV[4], epoch .. ':' .. seq_text .. ':' .. message)
+
+-- 6. Remember the messageId for the window; the user's oldest go past the per-user bound.
+redis.call('HSET', KEYS[3], mid, seq_text .. ':' .. epoch)
+redis.call('ZADD', KEYS[4], now_ms, mid)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%d', now - window), 'LIMIT', 0, scan)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[3], unpack(expired))
+  redis.call('ZREM', KEYS[4], unpack(expired))
+end
+local over = redis.call('ZCARD', KEYS[4]) - per_user
+if over > 0 then
+  local oldest_ids = redis.call('ZRANGE', KEYS[4], 0, math.min(over, scan) - 1)
+  redis.call('HDEL', KEYS[3], unpack(oldest_ids))
+  redis.call('ZREM', KEYS[4], unpack(oldest_ids))
+end
+redis.call('PEXPIRE', KEYS[3], window)
+redis.call('PEXPIRE', KEYS[4], window)
+
+return {'ok', seq, epoch, receivers}
+"""
+
+HISTORY_LUA = r"""
+-- KEYS: 1 topic meta, 2 topic history
+-- ARGV: 1 first seq wanted, 2 most entries (0: none, just the position), 3 history age ms,
+--       4 epoch if the topic has none, 5 meta ttl ms (0: never forgotten), 6 entries per scan
+-- Returns {epoch, last seq, oldest retained seq (0: none), {seq, message, seq, message, ...}}
+-- Position and entries come from one moment, so a subscriber can tell a gap from the future.
+local first, limit, age = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local meta_ttl, scan = tonumber(ARGV[5]), tonumber(ARGV[6])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local epoch, last = meta[1], tonumber(meta[2]) or 0
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('DEL', KEYS[2])  -- what an older epoch left is not this one's history
+end
+if meta_ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], meta_ttl)
+end
+-- The oldest entry still young enough: past the few that age trimming has not reached yet.
+local oldest, from = 0, '-'
+while true do
+  local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', scan)
+  for i = 1, #batch do
+    if tonumber(batch[i][2][2]) > now - age then
+      oldest = tonumber(string.match(batch[i][1], '^%d+'))
+      break
+    end
+  end
+  if oldest > 0 or #batch < scan then break end
+  from = string.format('%d', tonumber(string.match(batch[#batch][1], '^%d+')) + 1)
+end
+local entries = {}
+if limit > 0 and oldest > 0 then
+  local start = math.max(first, oldest)
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', start), '+', 'COUNT', limit)) do
+    entries[#entries + 1] = tonumber(string.match(entry[1], '^%d+'))
+    entries[#entries + 1] = entry[2][4]
+  end
+end
+return {epoch, last, oldest, entries}
+"""
+
+PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()  # EVALSHA first, EVAL on NOSCRIPT
+HISTORY_SHA = hashlib.sha1(HISTORY_LUA.encode()).hexdigest()
+
+SCRIPTS = {PUBLISH_SHA: PUBLISH_LUA, HISTORY_SHA: HISTORY_LUA}
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def publish_command(prefix: str, user_id: str, topic: str, message_id: str, head: bytes, tail: bytes,
+                    new_epoch: str, history_messages: int, history_age: float, dedup_window: float,
+                    dedup_per_user: int, meta_ttl: float = 0.0, cluster: bool = False) -> tuple:
+    """The EVALSHA of one publish. The message is head + seq + tail (section 7 builds them around
+    the seqNo); `new_epoch` is used only by a topic that has none, so make it fresh every time
+    (secrets.token_hex(8)): an epoch string must never come back. Times in seconds."""
+    meta, history, channel = topic_keys(prefix, topic)
+    seqs, times = dedup_keys(prefix, user_id, topic if cluster else None)
+    return ("EVALSHA", PUBLISH_SHA, 4, meta, history, seqs, times,
+            message_id, head, tail, channel, new_epoch, history_messages, _ms(history_age),
+            _ms(dedup_window), dedup_per_user, _ms(meta_ttl), REDIS_TRIM_SCAN)
+
+
+def history_command(prefix: str, topic: str, first: int, limit: int, history_age: float, new_epoch: str,
+                    meta_ttl: float = 0.0) -> tuple:
+    """The EVALSHA of a position read (limit 0: join, subscribed.seqNo) or a history page."""
+    meta, history, _ = topic_keys(prefix, topic)
+    return ("EVALSHA", HISTORY_SHA, 2, meta, history, first, limit, _ms(history_age), new_epoch, _ms(meta_ttl), REDIS_TRIM_SCAN)
+
+
+def eval_fallback(command: tuple) -> tuple:
+    """The same call as EVAL with the script's text, after a NOSCRIPT (SCRIPT FLUSH, a restart, a
+    failover to a replica that never saw SCRIPT LOAD): Redis caches the script again on the way."""
+    return ("EVAL", SCRIPTS[command[1]], *command[2:])
+
+
+def parse_delivery(data: bytes) -> tuple[str, int, bytes]:
+    """(epoch, seq, message) of a payload from a topic's channel ("epoch:seq:message")."""
+    epoch, seq, message = data.split(b":", 2)
+    return epoch.decode(), int(seq), message
+
+
+# --- 13b. The Redis backbone -------------------------------------------------------------------
+#
+# Several processes share one Redis: each topic's epoch, seqNo and history, dedup, sessions and
+# presence live there (the key layout above), fan-out goes through Redis pub/sub, and each process
+# keeps only its own connections' topic map. What the broker sees is the same `Backbone` as the
+# in-memory one: requests with completions, deliveries to `broker.deliver`, take-overs to
+# `broker.take_over`.
+#
+# Theory of operation.
+#
+# - Two connections per process. The command connection carries every request, pipelined: each
+#   request is written at once (one write per event-loop turn for all of them) and its reply is
+#   the next one to arrive, since "Redis processes commands in order and replies in the same
+#   order" (https://redis.io/docs/manual/pipelining/). One connection, never a pool, so one
+#   client's publishes reach Redis, take their seqNos and are acknowledged in the order it sent
+#   them. The subscriber connection is in RESP2 subscribed mode: it SUBSCRIBEs to the channel of
+#   each topic this process receives (first local subscriber: SUBSCRIBE; `leave`: UNSUBSCRIBE) and
+#   to this process's control channel. Deliveries come only from there, this process's own
+#   publishes included, in seqNo order per topic (one channel, one connection: Redis keeps the
+#   order of PUBLISH).
+# - Join: SUBSCRIBE first, then read the topic's position once Redis confirmed the subscription,
+#   so every message after the position arrives on the channel and the broker drops the ones at
+#   or below it. History reads come from the topic's stream; a message's frame is built from the
+#   text the script kept, by the same function live and replayed (signed here at delivery when
+#   signing is on: Redis's Lua has no HMAC-SHA256), so a replay sends the bytes a delivery sent.
+# - Deadlines. Every request has one (`timeout`, on the event loop's clock). While Redis is
+#   unreachable, requests wait for the reconnect in a bounded backlog; past its deadline a request
+#   is answered BACKBONE_UNAVAILABLE. A request written and unanswered past its deadline means the
+#   link is stalled: it is dropped, everything waiting on it is answered BACKBONE_UNAVAILABLE, and
+#   the process reconnects. A publish whose reply never came may or may not have run in Redis; the
+#   client was told to retry, with the same messageId, and dedup makes the retry safe: it is
+#   either accepted once or answered `duplicate` with the original seqNo.
+# - Reconnect with backoff and jitter (processes that lost Redis together do not come back in the
+#   same millisecond). After the subscriber connection comes back, every received topic is
+#   subscribed again and its position read; the broker is told (`Broker.resync`) and fills what was
+#   published meanwhile from history, exactly like a gap, or passes on a new epoch. After the
+#   command connection comes back, this process writes again what it owns: its attached sessions,
+#   its presence entries, its registry entry (Redis may have restarted empty).
+# - A subscriber connection that looks alive but receives nothing (a half-open TCP connection, a
+#   stalled server) is found by a PING when it has been silent for a third of the lease, and
+#   replaced when the PONG does not come within the timeout.
+# - Sessions are hashes with a TTL: the session TTL once detached, the TTL plus the lease while
+#   attached (renewed by the holder's process). `holder` names the connection holding it (this
+#   process's id and a number). A resume on another process claims it in one script, which
+#   publishes "take over" on the holder process's control channel; that process detaches the
+#   connection (its final positions written, "released" published back) and closes it with 4002;
+#   the claimer then reads the session. A holder process that is dead (its registry entry ran out)
+#   is not waited for, and one that does not answer within the timeout is not waited for longer.
+#
+# Keys beyond the topic and dedup keys above (P: --redis-prefix; S a sessionId, t a topic, both
+# escaped by key_part; X a process id, 12 hex digits, fresh at every start):
+#
+#     Pepoch                 string: the deployment's epoch (ready.epoch), SET NX at every connect
+#     Psession:{S}           hash: user, holder ("X:n"), taking (the holder being taken over),
+#                            p:<topic> -> [start, epoch, acked, handed] as JSON; PEXPIRE: the session
+#                            TTL once detached, TTL + lease while attached (renewed by X)
+#     P{t}:presence          sorted set: "X:user" -> lease end (ms, Redis's TIME); read past the
+#                            ones that ran out (a process killed with -9 leaves within the lease)
+#     Pprocesses             sorted set: X -> lease end: who is alive (take-over waits, /stats)
+#     Pcontrol:X             channel: "takeover\nS\nholder\nclaimer" to X, "released\nS" back
+#
+# Figures /stats cannot get cheaply from Redis (how many sessions, dedup entries) are this
+# process's view; see `stats`.
+
+# KEYS: 1 session hash, 2 process registry. ARGV: 1 the claiming holder, 2 the attached TTL (ms),
+# 3 the control channel prefix, 4 this process, 5 the session id.
+CLAIM_LUA = r"""
+-- Returns false (no such session) or {the previous holder or '', 1 if its process is alive}
+if redis.call('HEXISTS', KEYS[1], 'user') == 0 then
+  return false
+end
+local old = redis.call('HGET', KEYS[1], 'holder') or ''
+redis.call('HSET', KEYS[1], 'holder', ARGV[1])
+if old == '' then
+  redis.call('HDEL', KEYS[1], 'taking')
+else
+  redis.call('HSET', KEYS[1], 'taking', old)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local alive = 0
+if old ~= '' then
+  local process = string.match(old, '^[^:]*')
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local lease = redis.call('ZSCORE', KEYS[2], process)
+  if lease and tonumber(lease) > now then
+    alive = 1
+    if process ~= ARGV[4] then
+      redis.call('PUBLISH', ARGV[3] .. process, 'takeover\n' .. ARGV[5] .. '\n' .. old .. '\n' .. ARGV[4])
+    end
+  end
+end
+return {old, alive}
+"""
+
+# KEYS: 1 session hash. ARGV: 1 the holder, 2 the session TTL (ms), 3 the control channel prefix,
+# 4 the session id, 5.. position field, value pairs (every position the session keeps).
+DETACH_LUA = r"""
+-- Returns 1 (detached: it expires after the TTL), 2 (released to the connection taking it over,
+-- which is told on its control channel), 0 (not this holder's any more: nothing written)
+local holder = redis.call('HGET', KEYS[1], 'holder')
+local mode = 0
+if holder == ARGV[1] then
+  mode = 1
+elseif redis.call('HGET', KEYS[1], 'taking') == ARGV[1] then
+  mode = 2
+else
+  return 0
+end
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 2) == 'p:' then
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if mode == 1 then
+  redis.call('HDEL', KEYS[1], 'holder')
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('HDEL', KEYS[1], 'taking')
+  if holder then
+    redis.call('PUBLISH', ARGV[3] .. string.match(holder, '^[^:]*'), 'released\n' .. ARGV[4])
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])  -- the claimer went away as well
+  end
+end
+return mode
+"""
+
+# KEYS: 1 session hash. ARGV: 1 user, 2 holder, 3 the attached TTL (ms), 4.. position pairs.
+ATTACH_LUA = r"""
+-- Creates the session, or renews it (and rewrites its positions) while this holder holds it.
+-- Returns 1 (held by this holder), 0 (another holder has it: it was taken over unheard)
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'holder', ARGV[2])
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: 1 session hash. ARGV: 1 holder, 2 the attached TTL (ms), 3.. field, value pairs ('': delete).
+TRACK_LUA = r"""
+-- Written only by the holder, or by the one being taken over (its detach comes next): a late
+-- write of a connection that lost the session never overwrites the new holder's positions.
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder ~= ARGV[1] and redis.call('HGET', KEYS[1], 'taking') ~= ARGV[1] then
+  return 0
+end
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: 1 a topic's presence (sorted set: "process:user" -> lease end, ms). ARGV: 1 lease (ms), 2.. members.
+PRESENCE_LUA = r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease = string.format('%d', now + tonumber(ARGV[1]))
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], lease, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+
+# KEYS: 1 a topic's presence. Returns the members whose lease has not run out (the rest removed).
+PRESENCE_READ_LUA = r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+# KEYS: 1 the process registry (sorted set: process -> lease end, ms). ARGV: 1 process, 2 lease (ms).
+HEARTBEAT_LUA = r"""
+-- Returns how many processes are alive (their lease has not run out)
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+CLAIM_SHA, DETACH_SHA, ATTACH_SHA, TRACK_SHA, PRESENCE_SHA, PRESENCE_READ_SHA, HEARTBEAT_SHA = (
+    hashlib.sha1(text.encode()).hexdigest()
+    for text in (CLAIM_LUA, DETACH_LUA, ATTACH_LUA, TRACK_LUA, PRESENCE_LUA, PRESENCE_READ_LUA, HEARTBEAT_LUA)
+)
+BACKBONE_SCRIPTS = {
+    **SCRIPTS,
+    CLAIM_SHA: CLAIM_LUA, DETACH_SHA: DETACH_LUA, ATTACH_SHA: ATTACH_LUA, TRACK_SHA: TRACK_LUA,
+    PRESENCE_SHA: PRESENCE_LUA, PRESENCE_READ_SHA: PRESENCE_READ_LUA, HEARTBEAT_SHA: HEARTBEAT_LUA,
+}
+
+
+def _script(sha: str, keys: tuple, *args: Any) -> tuple:
+    return ("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def _millis(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class RedisTarget(NamedTuple):
+    """Where Redis is, from `--redis redis://[user:password@]host:port/db` (rediss:// for TLS)."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:  # for logs: never the password
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The RedisTarget of a URL, or ValueError in the words the command line prints.
+
+    The form is Redis's own (https://www.iana.org/assignments/uri-schemes/prov/redis): user and
+    password percent-decoded; a password alone (`redis://:secret@host`) is the `default` user's
+    (AUTH with one argument); the path is the database number, 0 when absent."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"--redis must be a redis:// or rediss:// URL, not {url[:40]!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("--redis: the port must be a number from 0 to 65535") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"--redis: the database must be a number (redis://host:port/0), not {path[:20]!r}")
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return RedisTarget(parts.hostname or "127.0.0.1", port, int(path or 0), username, password, parts.scheme == "rediss")
+
+
+def _unavailable(why: str) -> ClientError:
+    return ClientError("BACKBONE_UNAVAILABLE", f"Redis {why}: nothing was processed, retry")
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def _nothing(reply: Any) -> None:
+    return None
+
+
+class _Request:
+    """One command on its way: written, or waiting for the connection; answered once."""
+
+    __slots__ = ("command", "done", "decode", "deadline")
+
+    def __init__(self, command: tuple, done: Callable[[Any], None] | None, decode: Callable[[Any], Any], deadline: float) -> None:
+        self.command = command
+        self.done = done  # None: nobody waits (a write); a failure is counted and logged
+        self.decode = decode  # the reply -> what `done` gets
+        self.deadline = deadline
+
+
+class RedisLink(asyncio.Protocol):
+    """One connection to Redis, as little I/O as it can be: bytes in through a RespParser, each
+    reply handed with the oldest unanswered request (FIFO) to `owner.complete`, or, when no request
+    waits (a subscribed connection's messages), to `unasked`. Writes made in one event-loop turn
+    go out in one `transport.write` (`schedule` runs the flush later in the turn). Malformed input
+    drops the connection: after it, no reply could be matched to its request."""
+
+    def __init__(self, owner: Any, name: str, schedule: Callable[[Callable[[], None]], Any],
+                 unasked: Callable[[Any], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.owner = owner
+        self.name = name  # "command" or "subscriber", for logs
+        self.schedule = schedule
+        self.unasked = unasked
+        self.clock = clock
+        self.parser = RespParser()
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.transport: Any = None
+        self.out: list[bytes] = []
+        self.flushing = False
+        self.closed = False
+        self.heard = clock()  # when bytes last arrived: a silent subscriber connection is probed
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.heard = self.clock()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self.clock()
+        parser = self.parser
+        parser.feed(data)
+        try:
+            while not self.closed:
+                reply = parser.next_reply()
+                if reply is NEED_MORE:
+                    return
+                if self.waiting:
+                    self.owner.complete(self, self.waiting.popleft(), reply)
+                elif self.unasked is not None:
+                    self.unasked(reply)
+                else:
+                    raise RespError("a reply to no request")
+        except RespError as exc:
+            log.warning("Redis %s connection: %s; dropping it", self.name, exc)
+            self.owner.drop(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.lost(self, exc)
+
+    def request(self, request: _Request) -> None:
+        self.waiting.append(request)
+        self.send(encode_command(*request.command))
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.out.append(data)
+        if not self.flushing:
+            self.flushing = True
+            self.schedule(self.flush)
+
+    def flush(self) -> None:
+        self.flushing = False
+        if self.closed or not self.out:
+            return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Abort the connection now (nothing more is read from it)."""
+        if not self.closed:
+            self.closed = True
+            self.out.clear()
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class _Topic:
+    """A topic this process receives: its channel, the joins waiting for Redis to confirm the
+    subscription, whether it is confirmed on the current subscriber connection, and whether it has
+    to be caught up (it was received while that connection was down)."""
+
+    __slots__ = ("channel", "joins", "confirmed", "resync")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.joins: list[_Join] = []
+        self.confirmed = False
+        self.resync = False
+
+
+class _Join:
+    """A join waiting for Redis to confirm its subscription (then for its position, whose read has
+    a deadline of its own)."""
+
+    __slots__ = ("topic", "done", "deadline", "confirmed")
+
+    def __init__(self, topic: str, done: Callable | None, deadline: float) -> None:
+        self.topic = topic
+        self.done = done  # None once answered
+        self.deadline = deadline
+        self.confirmed = False
+
+
+class _Claim:
+    __slots__ = ("done", "deadline")
+
+    def __init__(self, done: Callable, deadline: float) -> None:
+        self.done = done
+        self.deadline = deadline
+
+
+_TOPIC_AT = len('{"type":"message","topic":"')
+_scanstring = json.decoder.scanstring
+
+
+def split_message(message: bytes) -> tuple[int, str, bytes]:
+    """(seqNo, messageId, data) of a `message` text as section 7 builds it, for signing it here:
+    `{"type":"message","topic":..,"seqNo":..,"messageId":..,"data":..}`, data to the last byte."""
+    text = message.decode()
+    _, end = _scanstring(text, _TOPIC_AT)
+    seq_at = end + len(',"seqNo":')
+    comma = text.index(",", seq_at)
+    message_id, end = _scanstring(text, comma + len(',"messageId":"'))
+    data_at = len(text[: end + len(',"data":')].encode())
+    return int(text[seq_at:comma]), message_id, message[data_at:-1]
+
+
+class RedisBackbone:
+    """The Backbone on Redis: several processes, one gateway (SPEC 1.1 "Scale-out").
+
+    `url` is `redis://[user:password@]host:port/db` (`rediss://` over TLS); `prefix` starts every
+    key and channel (no braces: they are the Cluster hash tags); `timeout` bounds every request;
+    `lease` is how long what this process owns outlives it (REDIS_LEASE); `meta_ttl` is how long an
+    idle topic keeps its epoch and counter (default: twice the longer of the session TTL and the
+    history age; the topics this process receives are kept alive). `await start()` before serving,
+    `await close()` after the server closed its connections.
+
+    What is shared and what stays in this process: seqNos, epochs, history, dedup, sessions and
+    presence are Redis's; the holder connection of each session attached here, the presence
+    counts of this process's connections and the topics it receives are this process's, and are
+    written again to Redis after a reconnect."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic, url: str = "redis://127.0.0.1:6379/0",
+                 prefix: str = "ms:", timeout: float = REDIS_TIMEOUT, lease: float = REDIS_LEASE, meta_ttl: float | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.target = parse_redis_url(url)
+        self.prefix = check_prefix(prefix)
+        self.timeout = timeout
+        self.lease = lease
+        self.meta_ttl = 2 * max(config.session_ttl, config.history_age) if meta_ttl is None else meta_ttl
+        self.process = secrets.token_hex(6)  # this process in Redis: its holders, presence, control channel
+        self.epoch = ""  # the deployment's epoch (Pepoch), read at every connect
+        self.broker: Broker | None = None
+        self.signing = SigningKeys.parse(config.sign_keys) if config.sign_keys else None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._epoch_numbers = itertools.count(1)
+        self._started = False
+        self._closing = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks: dict[str, asyncio.Task] = {}  # reconnecting: "command" / "subscriber" -> task
+        self._failures = {"command": 0, "subscriber": 0}  # failed attempts since the link was last up
+        # The command connection (None while down or not yet set up) and what waits for it.
+        self._cmd: RedisLink | None = None
+        self._unsent: collections.deque[_Request] = collections.deque()
+        # The subscriber connection and the topics this process receives.
+        self._sub: RedisLink | None = None
+        self._topics: dict[str, _Topic] = {}
+        self._channels: dict[bytes, str] = {}  # channel (as Redis sends it) -> topic
+        self._joins: collections.deque[_Join] = collections.deque()  # waiting for a confirmation, oldest first
+        self._retry: set[str] = set()  # topics whose catch-up read failed: tried again at the next sweep
+        self._ping_sent: float | None = None  # a PING on the subscriber connection, unanswered since then
+        self._control = f"{self.prefix}control:{self.process}"
+        self._control_bytes = self._control.encode()
+        # Sessions attached here: sessionId -> (holder token, connection); when each was last renewed
+        # (oldest first); sessions detached here and when they expire; positions not yet written.
+        self._holders: dict[str, tuple[str, Any]] = {}
+        self._renewed: collections.OrderedDict = collections.OrderedDict()
+        self._detached: collections.OrderedDict = collections.OrderedDict()
+        self._tracks: dict[str, dict[str, Position | None]] = {}
+        self._track_timer: asyncio.Handle | None = None
+        self._track_soon = False  # the timer is a call_soon: this turn's positions go out at its end
+        self._claims: dict[str, _Claim] = {}  # sessions claimed here, waiting for "released"
+        self._holder_numbers = itertools.count(1)
+        # Presence of this process's connections: topic -> user -> connections; topic -> connections.
+        self._presence: dict[str, dict[str, int]] = {}
+        self._subscribed: dict[str, int] = {}
+        self._presence_renewed = float("-inf")
+        self._meta_renewed = float("-inf")
+        self._figures_read = float("-inf")
+        # Figures for /stats.
+        self.processes: int | None = None  # processes alive, from the registry
+        self.history_figures: dict[str, Any] = {"messages": 0, "bytes": 0}
+        self.reconnects = 0
+        self.unavailable = 0  # requests answered BACKBONE_UNAVAILABLE
+        self.write_failures = 0  # writes nobody waited for that failed (logged in sweep)
+
+    # -- keys
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{{{key_part(session_id)}}}"
+
+    def _presence_key(self, topic: str) -> str:
+        return f"{self.prefix}{{{key_part(topic)}}}:presence"
+
+    def _new_epoch(self) -> str:
+        """A candidate epoch for a topic that has none: never the same twice (this process's random
+        id and a counter), as an epoch string that came back could be taken for the old sequence."""
+        return f"{self.process}.{next(self._epoch_numbers):x}"
+
+    # -- life cycle
+
+    def bind(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def start(self) -> None:
+        """Connect both links (ConnectionError, saying why, when Redis cannot be reached), register
+        this process, start the watchdog. A second call does nothing."""
+        if self._started:
+            return
+        self._started = True
+        self.loop = asyncio.get_running_loop()
+        try:
+            await self._connect_command()
+            await self._connect_subscriber()
+        except (OSError, asyncio.TimeoutError, RespError) as exc:
+            await self.close()
+            raise ConnectionError(f"cannot use Redis at {self.target}: {exc or type(exc).__name__}") from None
+        self._watchdog = self.loop.call_later(self._period(), self._watch)
+        log.info("Redis backbone: %s, prefix %r, process %s, epoch %s", self.target, self.prefix, self.process, self.epoch)
+
+    async def close(self) -> None:
+        """Write what waits (positions, detaches of the connections the server closed), wait up to
+        the timeout for the replies, leave the registry and presence, close both links."""
+        if self._closing or self.loop is None:
+            self._closing = True
+            return
+        self._closing = True
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for timer in (self._watchdog, self._track_timer):
+            if timer is not None:
+                timer.cancel()
+        cmd = self._cmd
+        if cmd is not None:
+            self._flush_tracks()
+            self._request(("ZREM", f"{self.prefix}processes", self.process))
+            for topic, users in self._presence.items():
+                self._request(("ZREM", self._presence_key(topic), *(f"{self.process}:{user}" for user in users)))
+            deadline = self.loop.time() + self.timeout
+            while cmd.waiting and not cmd.closed and self.loop.time() < deadline:
+                await asyncio.sleep(0.005)
+        for link in (self._cmd, self._sub):
+            if link is not None:
+                self.drop(link)
+        while self._unsent:
+            self._finish(self._unsent.popleft(), _unavailable("is being disconnected (the server is stopping)"))
+
+    def healthy(self) -> bool:
+        """Both connections to Redis are up (for /healthz: a load balancer takes this process out)."""
+        return self._cmd is not None and self._sub is not None
+
+    def _period(self) -> float:
+        return max(0.01, min(0.25, self.timeout / 8))
+
+    async def _open(self, name: str, unasked: Callable[[Any], None] | None) -> RedisLink:
+        target = self.target
+        context = ssl.create_default_context() if target.tls else None
+        loop = self.loop
+        _, link = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: RedisLink(self, name, loop.call_soon, unasked, loop.time),
+                target.host, target.port, ssl=context, server_hostname=target.host if context else None,
+            ),
+            self.timeout,
+        )
+        sock = link.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return link
+
+    async def _calls(self, link: RedisLink, commands: list[tuple]) -> list:
+        """Send commands on a link being set up and wait for every reply (an error reply, or the
+        link lost, is a ConnectionError naming the command)."""
+        futures = []
+        deadline = self.loop.time() + self.timeout
+        for command in commands:
+            future = self.loop.create_future()
+            link.request(_Request(command, lambda reply, f=future: f.done() or f.set_result(reply), _same, deadline))
+            futures.append(future)
+        replies = await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+        for command, reply in zip(commands, replies):
+            if isinstance(reply, (RedisReplyError, ClientError)):
+                name = " ".join(command[:2]) if command[0] in ("CLIENT", "SCRIPT") else command[0]  # never AUTH's arguments
+                raise ConnectionError(f"{name} failed: {reply.message}")
+        return replies
+
+    def _hello(self, name: str) -> list[tuple]:
+        """What a new connection says first: AUTH (https://redis.io/commands/auth/: with a username
+        on Redis 6's ACLs), SELECT the database, and a name that CLIENT LIST and CLIENT KILL show."""
+        target = self.target
+        commands: list[tuple] = []
+        if target.password is not None:
+            commands.append(("AUTH", target.username, target.password) if target.username else ("AUTH", target.password))
+        if target.db:
+            commands.append(("SELECT", target.db))
+        commands.append(("CLIENT", "SETNAME", f"microsocket-{self.process}-{name}"))
+        return commands
+
+    async def _connect_command(self) -> None:
+        link = await self._open("command", None)
+        try:
+            epoch_key = f"{self.prefix}epoch"
+            hello = self._hello("command")
+            # The deployment's epoch: created by the first process to find none, so it changes
+            # exactly when Redis lost its data. Scripts are loaded so EVALSHA rarely misses.
+            commands = hello + [("SET", epoch_key, secrets.token_hex(8), "NX"), ("GET", epoch_key)]
+            commands += [("SCRIPT", "LOAD", text) for text in BACKBONE_SCRIPTS.values()]
+            replies = await self._calls(link, commands)
+        except BaseException:
+            link.close()
+            raise
+        epoch = replies[len(hello) + 1].decode()
+        if self.epoch and epoch != self.epoch:
+            log.warning("Redis lost its data (its epoch went from %s to %s): every topic starts a new epoch, "
+                        "detached sessions are gone", self.epoch, epoch)
+        self.epoch = epoch
+        self._cmd = link
+        # What waited for the connection goes out now, in its order (the watchdog failed what was
+        # past its deadline), then this process writes again what it owns.
+        unsent, self._unsent = self._unsent, collections.deque()
+        for request in unsent:
+            link.request(request)
+        self._reassert()
+
+    async def _connect_subscriber(self) -> None:
+        link = await self._open("subscriber", self._on_push)
+        try:
+            await self._calls(link, self._hello("subscriber"))
+        except BaseException:
+            link.close()
+            raise
+        self._sub = link
+        self._ping_sent = None
+        channels = [self._control] + [state.channel for state in self._topics.values()]
+        for state in self._topics.values():
+            state.confirmed = False
+        for i in range(0, len(channels), REDIS_SUBSCRIBE_BATCH):
+            link.send(encode_command("SUBSCRIBE", *channels[i : i + REDIS_SUBSCRIBE_BATCH]))
+
+    def drop(self, link: RedisLink) -> None:
+        """Give up on a link now (stalled, malformed, closing): its requests fail, a reconnect follows."""
+        link.close()
+        self.lost(link, None)
+
+    def lost(self, link: RedisLink, exc: Exception | None) -> None:
+        """A link went away: fail what waited on it, reconnect (unless closing). Called once per link
+        whether the connection was lost or dropped here."""
+        link.closed = True
+        waiting, link.waiting = link.waiting, collections.deque()
+        # These requests were written and not answered: each may or may not have run in Redis.
+        # A publish among them is answered BACKBONE_UNAVAILABLE all the same; the client retries
+        # with the same messageId and dedup makes the retry safe (one seqNo, or `duplicate`).
+        for request in waiting:
+            self._finish(request, _unavailable("connection lost before it answered"))
+        if link is self._cmd:
+            self._cmd = None
+            if not self._closing:
+                log.warning("lost the Redis command connection (%s); reconnecting", exc or "dropped")
+            self._reconnect("command")
+        elif link is self._sub:
+            self._sub = None
+            for state in self._topics.values():
+                if state.confirmed:
+                    state.confirmed = False
+                    state.resync = True  # deliveries may be missed until it is subscribed again
+            if not self._closing:
+                log.warning("lost the Redis subscriber connection (%s); reconnecting", exc or "dropped")
+            self._reconnect("subscriber")
+
+    def _reconnect(self, which: str) -> None:
+        if self._closing or which in self._tasks or self.loop is None:
+            return
+        self._tasks[which] = self.loop.create_task(self._keep_connecting(which))
+
+    async def _keep_connecting(self, which: str) -> None:
+        delay = REDIS_BACKOFF_MIN
+        try:
+            while not self._closing:
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                try:
+                    await (self._connect_command() if which == "command" else self._connect_subscriber())
+                except Exception as exc:  # noqa: BLE001 - whatever it was, try again later
+                    self._failures[which] += 1
+                    level = logging.WARNING if self._failures[which] in (1, 10) or self._failures[which] % 100 == 0 else logging.DEBUG
+                    log.log(level, "cannot reconnect to Redis at %s (%s connection, attempt %d): %s",
+                            self.target, which, self._failures[which], exc or type(exc).__name__)
+                    delay = min(REDIS_BACKOFF_MAX, delay * 2)
+                else:
+                    self.reconnects += 1
+                    log.warning("reconnected to Redis (%s connection) after %d failed attempts", which, self._failures[which])
+                    self._failures[which] = 0
+                    return
+        finally:
+            self._tasks.pop(which, None)
+
+    # -- requests
+
+    def _request(self, command: tuple, done: Callable[[Any], None] | None = None, decode: Callable[[Any], Any] = _same) -> None:
+        """Send `command`, or hold it while the connection is down; done(decode(reply)) or
+        done(ClientError BACKBONE_UNAVAILABLE) within the timeout."""
+        request = _Request(command, done, decode, (self.loop.time() if self.loop else 0.0) + self.timeout)
+        if self._cmd is not None:
+            self._cmd.request(request)
+        elif len(self._unsent) < REDIS_MAX_BACKLOG and not self._closing and self.loop is not None:
+            self._unsent.append(request)
+        else:
+            self._finish(request, _unavailable("cannot be reached"))
+
+    def complete(self, link: RedisLink, request: _Request, reply: Any) -> None:
+        """A reply arrived for `request` (RedisLink calls this)."""
+        if reply.__class__ is RedisReplyError:
+            if reply.prefix == "NOSCRIPT" and request.command[0] == "EVALSHA" and link is self._cmd:
+                # The script cache was emptied (SCRIPT FLUSH, a failover): the same call as EVAL,
+                # which caches it again. Publishes still in flight behind this one get NOSCRIPT too
+                # and are retried in their order; only if another process reloads the script in
+                # between can a later one run before an earlier one's retry (redis_design.md).
+                request.command = ("EVAL", BACKBONE_SCRIPTS[request.command[1]], *request.command[2:])
+                link.request(request)
+                return
+            log.warning("Redis refused %s: %s", request.command[0], reply.message)
+            reply = _unavailable(f"refused the request ({reply.prefix})")
+        self._finish(request, reply)
+
+    def _finish(self, request: _Request, reply: Any) -> None:
+        if reply.__class__ is ClientError:
+            result = reply
+            if request.done is None:
+                self.write_failures += 1
+            else:
+                self.unavailable += 1
+        else:
+            try:
+                result = request.decode(reply)
+            except Exception:
+                log.exception("unexpected reply from Redis to %s: %.200r", request.command[0], reply)
+                result = _unavailable("gave an unexpected reply")
+        if request.done is not None:
+            try:
+                request.done(result)
+            except Exception:
+                log.exception("a completion of the Redis backbone failed")
+
+    def _watch(self) -> None:
+        """Every few tenths of a second: what is past its deadline fails, a link that stalls is dropped."""
+        loop = self.loop
+        self._watchdog = loop.call_later(self._period(), self._watch)
+        now = loop.time()
+        cmd = self._cmd
+        if cmd is not None and cmd.waiting and cmd.waiting[0].deadline <= now:
+            log.warning("Redis did not answer within %g s: dropping the command connection and reconnecting", self.timeout)
+            self.drop(cmd)
+        unsent = self._unsent
+        while unsent and unsent[0].deadline <= now:
+            self._finish(unsent.popleft(), _unavailable("cannot be reached"))
+        joins = self._joins
+        stalled = False
+        while joins and joins[0].deadline <= now:
+            join = joins.popleft()
+            state = self._topics.get(join.topic)
+            if join.done is None or join.confirmed or state is None:
+                continue
+            if join in state.joins:
+                state.joins.remove(join)
+            stalled = stalled or self._sub is not None
+            self._answer_join(join.topic, state, join, _unavailable("did not confirm the subscription in time"))
+        sub = self._sub
+        if sub is not None and (stalled or (self._ping_sent is not None and now - self._ping_sent > self.timeout)):
+            log.warning("the Redis subscriber connection is silent past %g s: replacing it", self.timeout)
+            self.drop(sub)
+        for session_id, claim in list(self._claims.items()):
+            if claim.deadline <= now:
+                del self._claims[session_id]
+                log.info("session %.8s...: its holder did not release it within %g s; resuming from what Redis has",
+                         session_id, self.timeout)
+                self._read_claimed(session_id, claim.done, clear=True)
+
+    # -- publish, join, history
+
+    def publish(self, user_id: str, topic: str, message_id: str, data: bytes, now: float, done: Callable) -> None:
+        # The message as section 7 frames it, cut where the seqNo goes: only the script knows it.
+        head = utf8(f'{{"type":"message","topic":{_quote(topic)},"seqNo":')
+        tail = b"".join((utf8(f',"messageId":{_quote(message_id)},"data":'), data, b"}"))
+        config = self.config
+        command = publish_command(
+            self.prefix, user_id, topic, message_id, head, tail, self._new_epoch(), config.history_messages,
+            config.history_age, config.dedup_window, config.dedup_per_user, self.meta_ttl,
+        )[:-1] + (REDIS_PUBLISH_SCAN,)
+
+        def result(reply: list) -> PublishResult:
+            status, seq = reply[0], reply[1]
+            if status == b"ok":
+                # Connections of this process only: Redis's PUBLISH counts processes, not clients.
+                return PublishResult("ok", message_id, seq, self._subscribed.get(topic, 0))
+            return PublishResult("duplicate", message_id, seq, 0)
+
+        self._request(command, done, result)
+
+    def join(self, topic: str, done: Callable) -> None:
+        state = self._topics.get(topic)
+        if state is None:
+            channel = topic_keys(self.prefix, topic)[2]
+            state = self._topics[topic] = _Topic(channel)
+            self._channels[channel.encode("utf-8", "surrogatepass")] = topic
+        if self.loop is None:
+            done(_unavailable("is not connected (the backbone was not started)"))
+            return
+        join = _Join(topic, done, self.loop.time() + self.timeout)
+        state.joins.append(join)
+        self._joins.append(join)
+        if self._sub is not None:
+            self._sub.send(encode_command("SUBSCRIBE", state.channel))
+
+    def _answer_join(self, topic: str, state: _Topic, join: _Join, position: TopicPosition | ClientError) -> None:
+        done, join.done = join.done, None
+        if done is None:
+            return
+        if isinstance(position, ClientError) and self._topics.get(topic) is state and not state.joins:
+            self._forget_topic(topic)  # the broker drops the feed without a `leave`
+        done(position)
+
+    def leave(self, topic: str) -> None:
+        if topic in self._topics:
+            self._forget_topic(topic)
+
+    def _forget_topic(self, topic: str) -> None:
+        state = self._topics.pop(topic)
+        self._channels.pop(state.channel.encode("utf-8", "surrogatepass"), None)
+        if self._sub is not None:
+            self._sub.send(encode_command("UNSUBSCRIBE", state.channel))
+
+    def _read_position(self, topic: str, done: Callable) -> None:
+        """The topic's position (history script, no entries): one moment's epoch and latest seqNo."""
+        command = history_command(self.prefix, topic, 1, 0, self.config.history_age, self._new_epoch(), self.meta_ttl)
+        self._request(command, done, lambda reply: TopicPosition(reply[0].decode(), reply[1]))
+
+    def history(self, topic: str, first: int, last: int | None, done: Callable) -> None:
+        first = max(1, min(first, MAX_SEQ))
+        most = self.config.history_messages
+        limit = most if last is None else max(0, min(last - first + 1, most))
+        command = history_command(self.prefix, topic, first, limit, self.config.history_age, self._new_epoch(), self.meta_ttl)
+
+        def result(reply: list) -> HistoryRange:
+            epoch, newest, oldest, flat = reply
+            frames = []
+            for i in range(0, len(flat), 2):
+                seq = flat[i]
+                if last is not None and seq > last:
+                    break
+                frames.append(self._frame(topic, seq, flat[i + 1]))
+            return HistoryRange(epoch.decode(), oldest or None, newest, frames)
+
+        self._request(command, done, result)
+
+    def _frame(self, topic: str, seq: int, message: bytes) -> bytes:
+        """The frame of a message the script kept: what section 7's message_frame builds, byte for
+        byte, for a delivery and for a replay alike (signed here: the script cannot sign)."""
+        signing = self.signing
+        if signing is None:
+            return serialize_frame(Opcode.TEXT, message)
+        _, message_id, data = split_message(message)
+        kid, sig = sign_canonical(signing, topic, seq, message_id, data)
+        return serialize_frame(Opcode.TEXT, b"".join((message[:-1], utf8(f',"kid":{_quote(kid)},"sig":"{sig}"}}'))))
+
+    # -- the subscriber connection
+
+    def _on_push(self, reply: Any) -> None:
+        """What the subscriber connection receives: messages, confirmations, PONGs."""
+        try:
+            kind = reply[0]
+            if kind == b"message":
+                channel = reply[1]
+                topic = self._channels.get(channel)
+                if topic is not None:
+                    epoch, seq, message = parse_delivery(reply[2])
+                    # Published at: processes share no clock, so latency here runs from arrival.
+                    self.broker.deliver(topic, epoch, seq, self._frame(topic, seq, message), self.clock())
+                elif channel == self._control_bytes:
+                    self._on_control(reply[2])
+            elif kind == b"subscribe":
+                self._confirmed(reply[1])
+            elif kind == b"pong":
+                self._ping_sent = None
+        except Exception:
+            log.exception("failed to handle %.200r from the Redis subscriber connection", reply)
+
+    def _confirmed(self, channel: bytes) -> None:
+        topic = self._channels.get(channel)
+        state = self._topics.get(topic) if topic is not None else None
+        if state is None:
+            return  # the control channel, or a topic left meanwhile
+        state.confirmed = True
+        if state.joins:
+            # Subscribed: from here on every message is delivered, so the position read now
+            # leaves nothing between it and the first delivery (the broker drops what is at or
+            # below it).
+            joins, state.joins = state.joins, []
+            for join in joins:
+                join.confirmed = True
+                self._read_position(topic, lambda position, join=join: self._answer_join(topic, state, join, position))
+            state.resync = False
+        elif state.resync:
+            self._catch_up(topic, state)
+
+    def _catch_up(self, topic: str, state: _Topic) -> None:
+        state.resync = False
+
+        def read(position: TopicPosition | ClientError) -> None:
+            if self._topics.get(topic) is not state:
+                return
+            if isinstance(position, ClientError):
+                state.resync = True
+                self._retry.add(topic)  # tried again at the next sweep
+                return
+            self.broker.resync(topic, position)
+
+        self._read_position(topic, read)
+
+    def _on_control(self, payload: bytes) -> None:
+        parts = payload.decode("utf-8", "replace").split("\n")
+        if parts[0] == "takeover" and len(parts) == 4:
+            self._take_over(parts[1], parts[2], parts[3])
+        elif parts[0] == "released" and len(parts) == 2:
+            claim = self._claims.pop(parts[1], None)
+            if claim is not None:
+                self._read_claimed(parts[1], claim.done, clear=False)
+
+    def _take_over(self, session_id: str, token: str, claimer: str) -> None:
+        """Another process claimed a session held here: detach its connection (the broker calls
+        detach_session, whose script writes the final positions and says "released") and close it
+        with 4002. Not held here any more: say "released" at once."""
+        held = self._holders.get(session_id)
+        if held is not None and held[0] == token:
+            self.broker.take_over(held[1])
+            if self._holders.get(session_id) is not held:
+                return
+            del self._holders[session_id]  # the broker had let go of it already: release it here
+            self._renewed.pop(session_id, None)
+        self._request(("PUBLISH", f"{self.prefix}control:{claimer}", f"released\n{session_id}"))
+
+    # -- sessions
+
+    def _holder_token(self) -> str:
+        return f"{self.process}:{next(self._holder_numbers)}"
+
+    def _attach(self, session_id: str, token: str, holder: Any) -> None:
+        self._holders[session_id] = (token, holder)
+        self._detached.pop(session_id, None)
+        self._renewed.pop(session_id, None)
+        self._renewed[session_id] = self._now()
+
+    def _now(self) -> float:
+        """The event loop's clock: Redis expires keys in real time, so leases are renewed by it
+        (the injected `clock` is the broker's, which tests may stop)."""
+        return self.loop.time() if self.loop is not None else 0.0
+
+    @staticmethod
+    def _position_pairs(positions: dict) -> list:
+        """A session's positions as hash fields: p:<topic> -> [start, epoch, acked, handed] as JSON."""
+        pairs: list = []
+        for topic, position in positions.items():
+            pairs.append("p:" + topic)
+            pairs.append(json.dumps(position.values(), separators=(",", ":")))
+        return pairs
+
+    def _attached_ttl(self) -> int:
+        return _millis(self.config.session_ttl + self.lease)
+
+    def create_session(self, session_id: str, user_id: str, holder: Any, now: float, done: Callable) -> None:
+        token = self._holder_token()
+        self._attach(session_id, token, holder)
+        self._request(_script(ATTACH_SHA, (self._session_key(session_id),), user_id, token, self._attached_ttl()), done, _nothing)
+
+    def _session_of(self, session_id: str, reply: list | None) -> Session | None:
+        fields = {reply[i]: reply[i + 1] for i in range(0, len(reply or ()), 2)}
+        user = fields.get(b"user")
+        if user is None:
+            return None
+        positions = {}
+        for field, value in fields.items():
+            if field.startswith(b"p:"):
+                try:
+                    positions[field[2:].decode("utf-8", "surrogatepass")] = Position(*json.loads(value))
+                except (ValueError, TypeError):
+                    log.warning("session %.8s...: unreadable position %.80r ignored", session_id, value)
+        return Session(session_id, user.decode("utf-8", "surrogatepass"), positions)
+
+    def get_session(self, session_id: str, done: Callable) -> None:
+        self._flush_tracks()  # this process's own positions land before the read
+        self._request(("HGETALL", self._session_key(session_id)), done, lambda reply: self._session_of(session_id, reply))
+
+    def claim_session(self, session_id: str, holder: Any, done: Callable) -> None:
+        token = self._holder_token()
+
+        def claimed(reply: list | None | ClientError) -> None:
+            if reply is None or isinstance(reply, ClientError):
+                done(reply)
+                return
+            old, alive = reply[0].decode(), reply[1]
+            held = self._holders.get(session_id)
+            if old and old.split(":", 1)[0] == self.process:
+                if held is not None and held[0] == old and held[1] is not holder:
+                    self.broker.take_over(held[1])  # its detach is written before the read below
+                self._attach(session_id, token, holder)
+                self._read_claimed(session_id, done, clear=True)
+            elif old and alive:
+                self._attach(session_id, token, holder)
+                previous = self._claims.pop(session_id, None)
+                if previous is not None:
+                    previous.done(None)  # claimed again meanwhile: the earlier claim lost
+                self._claims[session_id] = _Claim(done, self.loop.time() + self.timeout)
+            else:  # unheld, or its process is gone: Redis has what it last wrote
+                self._attach(session_id, token, holder)
+                self._read_claimed(session_id, done, clear=bool(old))
+
+        key = self._session_key(session_id)
+        command = _script(CLAIM_SHA, (key, f"{self.prefix}processes"), token, self._attached_ttl(), f"{self.prefix}control:",
+                          self.process, session_id)
+        self._request(command, claimed)
+
+    def _read_claimed(self, session_id: str, done: Callable, clear: bool) -> None:
+        """Read a claimed session; `clear`: first forget the holder being taken over (it did not
+        release it in time, or is gone), so a late write of its cannot land over the new holder's."""
+        key = self._session_key(session_id)
+        if clear:
+            self._request(("HDEL", key, "taking"))
+        self._request(("HGETALL", key), done, lambda reply: self._session_of(session_id, reply))
+
+    def track(self, session_id: str, topic: str, position: Position | None) -> None:
+        """Record a position, written with the others of this turn (a topic the session starts or
+        stops following: a resume elsewhere must see it) or within REDIS_TRACK_DELAY (an ack)."""
+        if session_id not in self._holders or self.loop is None:
+            return
+        self._tracks.setdefault(session_id, {})[topic] = position
+        if position is None or not position.acked:
+            if not self._track_soon:
+                if self._track_timer is not None:
+                    self._track_timer.cancel()
+                self._track_timer = self.loop.call_soon(self._flush_tracks)
+                self._track_soon = True
+        elif self._track_timer is None:
+            self._track_timer = self.loop.call_later(REDIS_TRACK_DELAY, self._flush_tracks)
+
+    def _flush_tracks(self) -> None:
+        """Write the positions tracked since the last flush, one script per session."""
+        if self._track_timer is not None:
+            self._track_timer.cancel()
+            self._track_timer = None
+        self._track_soon = False
+        tracks, self._tracks = self._tracks, {}
+        ttl = self._attached_ttl()
+        for session_id, positions in tracks.items():
+            held = self._holders.get(session_id)
+            if held is None:
+                continue
+            pairs: list = []
+            for topic, position in positions.items():
+                pairs.append("p:" + topic)
+                pairs.append("" if position is None else json.dumps(position.values(), separators=(",", ":")))
+            self._request(_script(TRACK_SHA, (self._session_key(session_id),), held[0], ttl, *pairs))
+
+    def detach_session(self, session_id: str, holder: Any, positions: dict, now: float) -> None:
+        self._tracks.pop(session_id, None)  # the final positions are below
+        held = self._holders.get(session_id)
+        if held is None or held[1] is not holder:
+            return  # taken over already: the new holder's positions count
+        del self._holders[session_id]
+        self._renewed.pop(session_id, None)
+        self._detached[session_id] = self._now() + self.config.session_ttl
+        self._prune_detached(self._now())
+        key = self._session_key(session_id)
+        command = _script(DETACH_SHA, (key,), held[0], _millis(self.config.session_ttl), f"{self.prefix}control:", session_id,
+                          *self._position_pairs(positions))
+        self._request(command)
+
+    def _prune_detached(self, now: float) -> None:
+        """Forget the sessions detached here whose TTL has run out (Redis expired them)."""
+        detached = self._detached
+        while detached:
+            session_id, expires = next(iter(detached.items()))
+            if expires > now:
+                break
+            del detached[session_id]
+
+    def drop_session(self, session_id: str) -> None:
+        self._tracks.pop(session_id, None)
+        self._holders.pop(session_id, None)
+        self._renewed.pop(session_id, None)
+        self._detached.pop(session_id, None)
+        self._request(("DEL", self._session_key(session_id)))
+
+    def _assert_session(self, session_id: str) -> None:
+        """Renew an attached session's lease and write its positions; if another holder has it (a
+        take-over this process did not hear of), take its connection over now."""
+        held = self._holders.get(session_id)
+        if held is None:
+            return
+        token, client = held
+        session = getattr(client, "session", None)
+        if session is None or session.id != session_id:
+            return  # its connection is between sessions (a resume is running): the next renewal
+
+        def checked(result: int | ClientError) -> None:
+            if result == 0 and self._holders.get(session_id) is held:
+                log.info("session %.8s... was taken over while this process could not hear it: closing its connection", session_id)
+                self.broker.take_over(client)
+                if self._holders.get(session_id) is held:
+                    del self._holders[session_id]
+                    self._renewed.pop(session_id, None)
+
+        key = self._session_key(session_id)
+        self._request(_script(ATTACH_SHA, (key,), session.user_id, token, self._attached_ttl(), *self._position_pairs(session.positions)),
+                      checked)
+
+    # -- presence
+
+    def _member(self, user_id: str) -> str:
+        return f"{self.process}:{user_id}"
+
+    def presence_add(self, topic: str, user_id: str) -> None:
+        self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
+        users = self._presence.get(topic)
+        if users is None:
+            users = self._presence[topic] = {}
+        n = users.get(user_id, 0)
+        users[user_id] = n + 1
+        if not n:
+            self._request(_script(PRESENCE_SHA, (self._presence_key(topic),), _millis(self.lease), self._member(user_id)))
+
+    def presence_remove(self, topic: str, user_id: str) -> None:
+        users = self._presence.get(topic)
+        if users is None or user_id not in users:
+            return
+        count = self._subscribed[topic] - 1
+        if count:
+            self._subscribed[topic] = count
+        else:
+            del self._subscribed[topic]
+        users[user_id] -= 1
+        if users[user_id] <= 0:
+            del users[user_id]
+            if not users:
+                del self._presence[topic]
+            self._request(("ZREM", self._presence_key(topic), self._member(user_id)))
+
+    def presence(self, topic: str, done: Callable) -> None:
+        def users(members: list) -> list[str]:
+            return sorted({member.split(b":", 1)[1].decode("utf-8", "surrogatepass") for member in members})
+
+        self._request(_script(PRESENCE_READ_SHA, (self._presence_key(topic),)), done, users)
+
+    def _renew_presence(self) -> None:
+        lease = _millis(self.lease)
+        self._request(_script(HEARTBEAT_SHA, (f"{self.prefix}processes",), self.process, lease), self._count_processes)
+        for topic, users in self._presence.items():
+            self._request(_script(PRESENCE_SHA, (self._presence_key(topic),), lease, *map(self._member, users)))
+
+    def _count_processes(self, result: int | ClientError) -> None:
+        if not isinstance(result, ClientError):
+            self.processes = result
+
+    def _reassert(self) -> None:
+        """After a (re)connect: this process's registry entry, presence and attached sessions,
+        written again (Redis may have restarted empty, or missed writes while unreachable)."""
+        self._presence_renewed = self._now()
+        self._renew_presence()
+        for session_id in list(self._holders):
+            self._assert_session(session_id)
+
+    # -- time
+
+    def sweep(self, now: float) -> None:
+        """Once a second (Broker.sweep): renew leases, probe silent links, catch up what failed to,
+        read the figures, report failed writes. Timed on the event loop's clock, not `now`."""
+        if self.loop is None or self._closing:
+            return
+        now = self.loop.time()
+        third = self.lease / 3
+        if now - self._presence_renewed >= third:
+            self._presence_renewed = now
+            self._renew_presence()
+        renewed = self._renewed
+        while renewed:
+            session_id, when = next(iter(renewed.items()))
+            if now - when < third:
+                break
+            del renewed[session_id]
+            renewed[session_id] = now  # to the end: renewed now, or looked at again in a third of the lease
+            self._assert_session(session_id)
+        self._prune_detached(now)
+        if self.meta_ttl and now - self._meta_renewed >= self.meta_ttl / 3:
+            # The topics received here are in use: their epochs and counters must not be forgotten.
+            self._meta_renewed = now
+            ttl = _millis(self.meta_ttl)
+            for topic in self._topics:
+                self._request(("PEXPIRE", topic_keys(self.prefix, topic)[0], ttl))
+        for topic in list(self._retry):
+            state = self._topics.get(topic)
+            if state is None or state.confirmed:
+                self._retry.discard(topic)
+                if state is not None and state.resync:
+                    self._catch_up(topic, state)
+        sub = self._sub
+        if sub is not None and self._ping_sent is None and now - sub.heard >= min(third, 5.0):
+            self._ping_sent = now
+            sub.send(encode_command("PING"))
+        cmd = self._cmd
+        if cmd is not None and not cmd.waiting and now - cmd.heard >= min(third, 5.0):
+            self._request(("PING",))  # a stalled Redis is found even when nothing is asked of it
+        if now - self._figures_read >= REDIS_STATS_INTERVAL:
+            self._figures_read = now
+            self._read_figures()
+        if self.write_failures:
+            log.warning("%d writes to Redis failed since the last report (positions, presence or detaches: "
+                        "they are written again after the reconnect)", self.write_failures)
+            self.write_failures = 0
+
+    def _read_figures(self) -> None:
+        topics = list(itertools.islice(self._topics, REDIS_STATS_TOPICS))
+        figures = {"messages": 0, "bytes": 0}
+        if not topics:
+            self.history_figures = figures
+            return
+        left = [2 * len(topics)]
+
+        def add(name: str) -> Callable[[Any], None]:
+            def added(result: Any) -> None:
+                if isinstance(result, int):
+                    figures[name] += result
+                left[0] -= 1
+                if not left[0]:
+                    self.history_figures = figures
+            return added
+
+        for topic in topics:
+            key = topic_keys(self.prefix, topic)[1]
+            self._request(("XLEN", key), add("messages"))
+            self._request(("MEMORY", "USAGE", key), add("bytes"))
+
+    def stats(self) -> dict:
+        """The figures the memory backbone gives, from this process's view where Redis has no
+        cheap answer: `sessions` are the sessions attached here plus those detached here and not
+        yet expired (with one process: all of them); `sequenced_topics` the topics received here;
+        `history` the messages and bytes Redis retains for them (read every few seconds);
+        `dedup.entries` None (per-user windows in Redis, not counted). `redis` says what only this
+        backbone has: connected, this process's id, the processes alive, reconnects."""
+        self._prune_detached(self._now())
+        return {
+            "sessions": len(self._holders) + len(self._detached),
+            "sequenced_topics": len(self._topics),
+            "history": dict(self.history_figures),
+            "dedup": {"entries": None},
+            "redis": {
+                "url": str(self.target),
+                "connected": self.healthy(),
+                "process": self.process,
+                "processes": self.processes,
+                "reconnects": self.reconnects,
+                "unavailable": self.unavailable,
+            },
+        }
+
+
 # === 14. HTTP routes ==============================================================================
 #
 # A route table from (path pattern, method) to a handler; a handler takes a Request and returns a
@@ -4031,6 +5939,11 @@ class App:
         return Response(200, self.docs, "text/html; charset=utf-8")
 
     def healthz(self, request: Request) -> Response:
+        """200 "ok"; 503 while the backbone (Redis) cannot be reached, so a load balancer sends new
+        clients to a process that can serve them."""
+        healthy = getattr(self.broker.backbone, "healthy", None)
+        if healthy is not None and not healthy():
+            raise HTTPError(503, "the backbone (Redis) cannot be reached")
         return Response(200, b"ok\n", "text/plain; charset=utf-8")
 
     def stats(self, request: Request) -> Response:
@@ -4742,7 +6655,13 @@ class Server:
     ) -> None:
         self.config = config or Config()
         self.clock = clock  # every timer reads this clock: tests move it, then call tick()
-        self.backbone = backbone if backbone is not None else MemoryBackbone(self.config, clock)
+        if backbone is None:
+            config = self.config
+            if config.redis:
+                backbone = RedisBackbone(config, clock, url=config.redis, prefix=config.redis_prefix, timeout=config.redis_timeout)
+            else:
+                backbone = MemoryBackbone(config, clock)
+        self.backbone = backbone
         self.broker = Broker(self.config, self.backbone, self._schedule_flush, clock)
         self.app = App(self.config, self.broker)
         self.connections: set[ServerConnection] = set()
@@ -4758,12 +6677,16 @@ class Server:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        start = getattr(self.backbone, "start", None)  # a backbone with connections of its own (Redis)
+        if start is not None:
+            await start()
         self._server = await self.loop.create_server(
             lambda: ServerConnection(self),
             self.config.host,
             self.config.port,
             backlog=LISTEN_BACKLOG,
             ssl=tls_context(self.config),
+            reuse_port=self.config.reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -4878,6 +6801,9 @@ class Server:
         for conn in list(self.connections):
             conn.transport.abort()
         await asyncio.sleep(0)
+        close = getattr(self.backbone, "close", None)
+        if close is not None:
+            await close()  # after every connection was detached: what they wrote is answered first
         self._server = None
 
     async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
@@ -4955,6 +6881,11 @@ class Config:
     sign_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # "KID=SECRET", the first signs
     max_presence: int = MAX_PRESENCE
     max_connections_per_user: int = 0  # 0 = no limit
+    redis: str | None = dataclasses.field(default=None, repr=False)  # the URL may hold a password
+    redis_prefix: str = "ms:"
+    redis_timeout: float = REDIS_TIMEOUT
+    workers: int = 1
+    reuse_port: bool = False  # set in each worker by --workers: several processes listen on one port
 
     def __post_init__(self) -> None:
         """Refuse a configuration that cannot work, with the same words the CLI uses (ValueError)."""
@@ -4966,6 +6897,15 @@ class Config:
             raise ValueError("port must be 0 to 65535")
         if self.keyfile and not self.certfile:
             raise ValueError("--keyfile needs --certfile")
+        if self.redis:
+            parse_redis_url(self.redis)
+        check_prefix(self.redis_prefix)
+        if not self.redis_timeout > 0:
+            raise ValueError("redis-timeout must be more than 0 seconds")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.workers > 1 and not self.redis:
+            raise ValueError("--workers needs --redis: the processes share their state (seqNos, dedup, history, sessions) through it")
 
 
 # (flag, Config field, type, help); the default comes from Config or the environment.
@@ -4989,6 +6929,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--jwt-issuer", "jwt_issuer", str, "the iss a token must name"),
     ("--jwt-leeway", "jwt_leeway", float, "seconds of clock skew allowed for exp, nbf and iat"),
     ("--acl", "acl", str, "the ACL file: JSON, userId or \"*\" -> {\"read\": [patterns], \"write\": [patterns]}; once given, what is not granted is denied"),
+    ("--redis", "redis", str, "share state with other processes through this Redis: redis://[user:password@]host:port/db, rediss:// for TLS"),
+    ("--redis-prefix", "redis_prefix", str, "prefix of every Redis key and channel (no { or })"),
+    ("--redis-timeout", "redis_timeout", float, "seconds for any Redis request; past it: BACKBONE_UNAVAILABLE"),
+    ("--workers", "workers", int, "processes serving this port (SO_REUSEPORT), sharing --redis; one that dies is restarted"),
     ("--max-buffered", "max_buffered", int, "bytes held for all clients together (unfinished input, unsent output); over it the largest holders are closed: 4001 for output, 1013 for an unfinished message"),
     ("--dedup-window", "dedup_window", float, "seconds a messageId is remembered per user"),
     ("--dedup-per-user", "dedup_per_user", int, "messageIds remembered per user (oldest forgotten first)"),
@@ -5033,11 +6977,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for flag, field, kind, text in _OPTIONS:
         default = os.environ.get(_env(field), getattr(defaults, field))
-        shown = "unset" if field == "jwt_secret" else "%(default)s"  # a secret is never printed
+        shown = "unset" if field in ("jwt_secret", "redis") else "%(default)s"  # a secret (or a URL with a password) is never printed
         parser.add_argument(flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{text} [{_env(field)}] (default: {shown})")
     origins = os.environ.get("MICROSOCKET_ALLOWED_ORIGINS", "")
     parser.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=None, metavar="ORIGIN", help="accept WebSocket handshakes only from this Origin (repeatable); others get HTTP 403; requests without Origin (non-browser clients) are accepted [MICROSOCKET_ALLOWED_ORIGINS, comma-separated] (default: any origin)")
     parser.set_defaults(allowed_origins_env=tuple(o.strip() for o in origins.split(",") if o.strip()))
+    parser.add_argument("--reuse-port", action="store_true", default=_env_flag("reuse_port", False), help="listen with SO_REUSEPORT, beside other processes on the same port (what --workers sets in each worker) [MICROSOCKET_REUSE_PORT] (default: %(default)s)")
     parser.add_argument("--echo", action="store_true", default=_env_flag("echo", False), help="serve ws://.../echo, which echoes every message, for Autobahn|Testsuite [MICROSOCKET_ECHO] (default: %(default)s)")
     demo = os.environ.get("MICROSOCKET_DEMO")
     parser.add_argument("--demo", dest="demo", action="store_const", const=True, default=None if demo is None else _env_flag("demo", True), help="turn GET /demo/publish/{topic} on, even with JWT auth (it publishes without a token) [MICROSOCKET_DEMO=1] (default: on with demo auth, off with JWT)")
@@ -5126,6 +7071,119 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+def _without_workers(argv: list[str]) -> list[str]:
+    """The command line with --workers N (or --workers=N) taken out."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: Linux's PR_SET_PDEATHSIG (prctl(2)), so the worker gets SIGTERM
+    when the parent dies, even by SIGKILL. Elsewhere nothing: the parent's exit path stops them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def run_workers(config: Config, argv: list[str], workers: int | None = None, redis_url: str | None = None,
+                script: str | None = None) -> int:
+    """--workers N: N processes of this command line (without --workers) sharing one port with
+    SO_REUSEPORT (the kernel spreads new connections over them, Linux 3.9+: socket(7)) and one
+    Redis. Refuses (exit 2) without --redis: processes that do not share state would each have
+    their own seqNos, dedup and sessions behind one address. The parent only supervises: it
+    forwards SIGINT/SIGTERM to every worker (each closes its connections with 1001 and exits 0),
+    starts again a worker that died (with a growing delay if they keep dying), and exits 0 once
+    every worker has exited after a signal (1 if one did not exit cleanly). Every worker is in
+    the parent's process group, gets SIGTERM from the parent's exit path, and (Linux) SIGTERM if
+    the parent is killed, so none is orphaned.
+
+    `workers` and `redis_url` default to config.workers and config.redis (the fields section 16
+    adds); `script` to this program. Each worker is told MICROSOCKET_REUSE_PORT=1 (Server.start then
+    listens with reuse_port=True) and MICROSOCKET_WORKER=i (its number, for its logs)."""
+    workers = getattr(config, "workers", 1) if workers is None else workers
+    redis_url = getattr(config, "redis", None) if redis_url is None else redis_url
+    if workers < 1:
+        print("microsocket.py: error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if not redis_url:
+        print("microsocket.py: error: --workers needs --redis: the workers share seqNos, dedup, sessions and presence "
+              "through Redis, and without it each would be a separate gateway behind one port", file=sys.stderr)
+        return 2
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("microsocket.py: error: --workers needs SO_REUSEPORT, which this platform does not have", file=sys.stderr)
+        return 2
+    if config.port == 0:
+        print("microsocket.py: error: --workers needs a fixed --port: each worker would get another free port", file=sys.stderr)
+        return 2
+    command = [sys.executable, script or os.path.abspath(sys.argv[0]), *_without_workers(argv)]
+    children: dict[int, subprocess.Popen] = {}
+    stopping = [False]
+    delay = WORKER_RESTART_DELAY
+    deaths: collections.deque = collections.deque()
+
+    def spawn(i: int) -> None:
+        env = dict(os.environ, MICROSOCKET_REUSE_PORT="1", MICROSOCKET_WORKER=str(i))
+        children[i] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping[0] = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    clean = True
+    try:
+        for i in range(workers):
+            spawn(i)
+        while children:
+            time.sleep(0.1)
+            for i, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                if stopping[0]:
+                    del children[i]
+                    clean = clean and code == 0
+                    continue
+                now = time.monotonic()
+                deaths.append(now)
+                while deaths and deaths[0] < now - 60:
+                    deaths.popleft()
+                delay = WORKER_RESTART_DELAY if len(deaths) <= 1 else min(WORKER_RESTART_MAX, delay * 2)
+                print(f"microsocket.py: worker {i} exited with {code}; starting it again in {delay:g} s", file=sys.stderr, flush=True)
+                end = time.monotonic() + delay
+                while time.monotonic() < end and not stopping[0]:
+                    time.sleep(0.05)
+                if stopping[0]:
+                    del children[i]
+                else:
+                    spawn(i)
+    finally:
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if clean else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -5138,6 +7196,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_context(config)  # load it once here, so a bad certificate is not reported as "cannot listen"
     except (OSError, ssl.SSLError) as exc:
         return _usage_error(f"cannot load the TLS certificate or key ({config.certfile}): {exc}")
+    if config.workers > 1:
+        return run_workers(config, sys.argv[1:] if argv is None else list(argv))
     config = fit_open_file_limit(config)
 
     async def run() -> None:
@@ -5150,6 +7210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
+    except ConnectionError as exc:  # an OSError too: Redis, not the listening socket
+        print(f"microsocket.py: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"microsocket.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Section 13's Redis backbone against real redis-server processes, and the parts of it that need none.
 
-Most tests here start their own redis-server (conftest_redis.py; skipped, saying why, where the
+Most tests here start their own redis-server (conftest.py; skipped, saying why, where the
 machine has none) and one or two gateways on it: in-process `ms.Server`s built by conftest's
 server_factory with make_backbone("redis", ...), or subprocesses from RUNNER where a gateway has
 to die (`kill -9`) or `--workers` starts them. Clients are raw sockets (conftest.RawClient), so a
@@ -32,14 +32,10 @@ import pytest
 import conftest
 import microsocket as ms
 from conftest import HERE, RawClient, free_port, http_request, wait_until
-from conftest_redis import RespClient, redis_server, redis_server_binary, start_redis  # noqa: F401 (fixture)
+from conftest import RespClient, redis_server, redis_server_binary, start_redis  # noqa: F401 (fixture)
 
-try:  # once section 13 of microsocket.py holds the backbone
-    from microsocket import RedisBackbone, RedisLink, parse_redis_url, run_workers, split_message
-    from microsocket import _Request, _without_workers
-except ImportError:  # until then, the draft beside this file
-    from redis_backbone_draft import RedisBackbone, RedisLink, parse_redis_url, run_workers, split_message
-    from redis_backbone_draft import _Request, _without_workers
+from microsocket import RedisBackbone, RedisLink, parse_redis_url, run_workers, split_message
+from microsocket import _Request, _without_workers
 
 redis = pytest.mark.redis
 TIMEOUT = 1.0  # the backbone's request timeout in these tests (the default is 2 s)
@@ -185,16 +181,12 @@ def backbone_of(handle: conftest.ServerHandle) -> RedisBackbone:
 
 # The gateway as a subprocess: `python3 RUNNER --port P --redis URL [--sign-key K]`. It prints its
 # ws:// URL when it listens; SIGTERM closes every connection (1001) and exits 0. With
-# MICROSOCKET_REUSE_PORT=1 (what run_workers sets) it listens with SO_REUSEPORT, which is what
-# Server.start will do once section 16 has the flag.
+# MICROSOCKET_REUSE_PORT=1 (what run_workers sets) it listens with SO_REUSEPORT (Config.reuse_port).
 RUNNER = r'''
-import argparse, asyncio, functools, os, signal, sys
+import argparse, asyncio, os, signal, sys
 sys.path.insert(0, {here!r})
 import microsocket as ms
-try:
-    RedisBackbone = ms.RedisBackbone
-except AttributeError:
-    from redis_backbone_draft import RedisBackbone
+RedisBackbone = ms.RedisBackbone
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
@@ -205,9 +197,8 @@ args = parser.parse_args()
 
 async def main():
     loop = asyncio.get_running_loop()
-    if os.environ.get("MICROSOCKET_REUSE_PORT") == "1":
-        loop.create_server = functools.partial(loop.create_server, reuse_port=True)
-    config = ms.Config(host="127.0.0.1", port=args.port, sign_keys=tuple(args.sign_keys))
+    reuse_port = os.environ.get("MICROSOCKET_REUSE_PORT") == "1"  # what run_workers sets in each worker
+    config = ms.Config(host="127.0.0.1", port=args.port, sign_keys=tuple(args.sign_keys), reuse_port=reuse_port)
     backbone = RedisBackbone(config, url=args.redis, timeout=1.0, lease=args.lease)
     await backbone.start()
     server = ms.Server(config, backbone=backbone)
@@ -305,7 +296,7 @@ def _link(unasked=None) -> tuple[RedisLink, _Owner, _Transport, list]:
 def test_link_pipelines_writes_and_matches_replies_in_order():
     """Requests of one turn go out in one write; replies, cut anywhere (here a byte at a time), go
     to the requests in the order they were sent (Redis answers a pipeline in order)."""
-    from resp_draft import encode_command, encode_reply
+    from microsocket import encode_command, encode_reply
 
     link, owner, transport, later = _link()
     for n in range(3):
@@ -322,7 +313,7 @@ def test_link_pipelines_writes_and_matches_replies_in_order():
 def test_link_hands_unasked_replies_over_and_drops_on_garbage():
     """With no request waiting, a reply is a pub/sub message (to `unasked`); on a command link it
     is a protocol error, and malformed bytes drop the link too (no reply could be matched after)."""
-    from resp_draft import encode_reply
+    from microsocket import encode_reply
 
     pushes: list = []
     link, owner, _, _ = _link(pushes.append)
@@ -420,9 +411,6 @@ def test_resume_on_one_gateway_replays_the_gap(gateway):
     assert seqs(b.messages(1)) == [4]
 
 
-@pytest.mark.xfail(strict=True, reason="microsocket.py bug, not the backbone's: since ba1eb94 ServerConnection._finish "
-                   "calls broker.disconnect only inside `if self.stream is not None`, so a clean close is detached at "
-                   "connection_lost as unreliable and 'last handed' is never kept")
 @pytest.mark.parametrize("backbone", ["memory", pytest.param("redis", marks=redis)], indirect=True)
 def test_resume_after_a_clean_close_starts_after_what_was_handed(backbone, server_factory):
     """SPEC I6: without lastSeqPerTopic or an ack, a resume replays after the last seqNo handed to
@@ -799,7 +787,7 @@ def test_workers_share_one_port_and_one_redis(redis_url, runner):
     port = free_port()
     parent = subprocess.Popen(
         [sys.executable, "-c", "import sys, microsocket as ms\n"
-         "try:\n from microsocket import run_workers\nexcept ImportError:\n from redis_backbone_draft import run_workers\n"
+         "from microsocket import run_workers\n"
          f"sys.exit(run_workers(ms.Config(port={port}), sys.argv[1:], workers=2, redis_url={redis_url!r}, script={runner!r}))",
          "--port", str(port), "--redis", redis_url, "--lease", str(LEASE), "--workers", "2"],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
@@ -847,7 +835,7 @@ def test_workers_do_not_outlive_a_killed_parent(redis_url, runner):
     port = free_port()
     parent = subprocess.Popen(
         [sys.executable, "-c", "import sys, microsocket as ms\n"
-         "try:\n from microsocket import run_workers\nexcept ImportError:\n from redis_backbone_draft import run_workers\n"
+         "from microsocket import run_workers\n"
          f"sys.exit(run_workers(ms.Config(port={port}), sys.argv[1:], workers=2, redis_url={redis_url!r}, script={runner!r}))",
          "--port", str(port), "--redis", redis_url, "--workers", "2"],
         cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,

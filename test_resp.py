@@ -2,7 +2,7 @@
 
 The codec tests use byte strings only: every reply type, every way of cutting the input (a byte
 at a time, at every offset), the limits, malformed input. The rest talks to a real redis-server
-started per test (conftest_redis.py; skipped with the reason when the machine has none), through
+started per test (conftest.py; skipped with the reason when the machine has none), through
 a raw socket and this codec: pipelining, scripts, NOSCRIPT, pub/sub, RESP3, and the publish and
 history scripts of the Redis backbone.
 """
@@ -15,14 +15,9 @@ import time
 
 import pytest
 
-from conftest_redis import RespClient, redis_server, redis_server_binary, start_redis  # noqa: F401 (fixture)
+from conftest import RespClient, redis_server, redis_server_binary, start_redis  # noqa: F401 (fixture)
 
-try:  # once section 13 of microsocket.py holds the codec
-    import microsocket as resp
-
-    resp.RespParser
-except AttributeError:  # until then, the draft beside this file
-    import resp_draft as resp
+import microsocket as resp  # section 13's RESP codec, key layout and scripts
 
 NEED_MORE = resp.NEED_MORE
 RespError = resp.RespError
