@@ -73,7 +73,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, Union
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 try:
     import resource  # the open-file limit (Unix)
