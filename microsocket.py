@@ -2099,6 +2099,14 @@ class Acl:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def shared_by(self, user_id: str) -> bool:
+        """True when `user_id`'s grants are everyone's: no entry of its own, and no `{sub}` in the
+        "*" entry (so one compiled Grants can serve every such user)."""
+        if user_id in self._entries and user_id != "*":
+            return False
+        entry = self._entries.get("*")
+        return entry is None or not any(SUB_PLACEHOLDER in p.text for patterns in entry for p in patterns)
+
 
 def load_acl(text: str | bytes) -> Acl:
     """Parse the ACL file (--acl): a JSON object mapping a userId, or "*" for everyone, to
@@ -2457,6 +2465,7 @@ class Auth:
         self.acl = load_acl(_read_file(config.acl, "ACL file (--acl)")) if config.acl else None
         self.signing = SigningKeys.parse(config.sign_keys) if config.sign_keys else None
         self.refusals: collections.Counter = collections.Counter()  # by entry point
+        self._everyone: Grants | None = None  # the ACL file's grants of any user without an entry of its own
 
     def verify(self, token: Any) -> Claims:
         """The token's Claims, or ClientError AUTH_FAILED with the reason."""
@@ -2464,8 +2473,14 @@ class Auth:
 
     def grants(self, user_id: str, claims: Claims | None = None) -> Grants | None:
         """What `user_id` may read and write, or None when no ACL source applies (everything)."""
-        if self.acl is None and (claims is None or (claims.read is None and claims.write is None)):
+        plain = claims is None or (claims.read is None and claims.write is None)
+        if self.acl is None and plain:
             return None
+        if plain and self.acl.shared_by(user_id):
+            # Most users of a large deployment: one compiled object for all of them, not one each.
+            if self._everyone is None:
+                self._everyone = Grants(self.acl, "*")  # the "*" entry alone: no {sub} in it to fill
+            return self._everyone
         return Grants(self.acl, user_id, claims)
 
     def refused(self, where: str, reason: str) -> None:

@@ -1455,3 +1455,18 @@ def test_signed_server_publish_end_to_end(server_factory, wsclient, jcs):
     assert [m["messageId"] for m in messages] == ["ws-1", "py-1"], messages
     for m in messages:
         assert m["kid"] == "k1" and m["sig"] == expected_sig(jcs, K1, "t", m["seqNo"], m["messageId"], m["data"])
+
+
+def test_users_without_an_acl_entry_share_one_compiled_grants(tmp_path):
+    """Users with no ACL entry of their own (and no read/write claims) share one Grants object, so
+    a connection costs no compiled ACL of its own; a user with an entry, a token with claims, or a
+    "*" entry using {sub} gets its own, with the right answers."""
+    auth = ms.Auth(ms.Config(acl=write_json(tmp_path, "acl.json", {"*": {"read": ["pub.*"]}, "alice": {"write": ["a"]}})))
+    bob, carol, alice = auth.grants("bob"), auth.grants("carol"), auth.grants("alice")
+    assert bob is carol and alice is not bob
+    assert bob.can_read("pub.x") and not bob.can_write("a") and alice.can_write("a") and alice.can_read("pub.x")
+    claimed = auth.grants("bob", ms.Claims("bob", None, ("own",), None))
+    assert claimed is not bob and claimed.can_read("own") and claimed.can_read("pub.x")
+    per_user = ms.Auth(ms.Config(acl=write_json(tmp_path, "acl2.json", {"*": {"read": ["u.{sub}.*"]}})))
+    dave, erin = per_user.grants("dave"), per_user.grants("erin")
+    assert dave is not erin and dave.can_read("u.dave.x") and not dave.can_read("u.erin.x")
