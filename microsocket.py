@@ -23,12 +23,13 @@ The protocol in ten lines (the full contract is the README's protocol reference)
 Every message is one JSON object in one text frame; a client may add "id" to any message and the
 direct reply carries it back; replies keep the order of requests. Topics are sequenced one by one
 (seqNo 1, 2, ... within the topic's epoch), deduplicated per user by messageId, and kept in a
-bounded history for replay. The shared state sits behind a backbone (in this process's memory).
+bounded history for replay. The shared state sits behind a backbone (this process's memory, or Redis).
 
 Auth: demo auth (any non-empty token is the userId) until a JWT key is given (--jwt-secret,
 --jwt-keys: HS256, RS256); then tokens are verified, ACLs apply (--acl, read/write claims), tokens
 expire (close 4003) and `refresh` renews them; --sign-key signs every message (RFC 8785, HMAC).
-What it does not do (yet): permessage-deflate, several processes sharing one Redis.
+Scale-out: with --redis several processes share one Redis and behave as one gateway; --workers N
+starts N of them on one port. What it does not do (yet): permessage-deflate, Redis Cluster.
 
 Embedding it in an asyncio program::
 
