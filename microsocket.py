@@ -6310,7 +6310,7 @@ _CLOSE_REASONS = {CloseCode.SESSION_TAKEN_OVER: "session taken over by another c
 
 class ServerConnection(Client, asyncio.Protocol):
     __slots__ = (
-        "server", "transport", "reader", "ws", "closing_since", "close_grace", "lost", "deadline", "active", "idle_since", "ping_sent",
+        "server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent",
         "answering", "backlogged", "input_held", "deferred", "stream", "stream_bytes",
     )
 
@@ -6321,7 +6321,6 @@ class ServerConnection(Client, asyncio.Protocol):
         self.reader: RequestReader | None = RequestReader(server.config.max_head_size, server.config.max_body_size)
         self.ws: WebSocketConnection | None = None
         self.closing_since: float | None = None  # when our close frame went out, waiting for theirs
-        self.close_grace = server.config.close_timeout  # how long the sweep waits for theirs
         self.lost = False
         self.deadline = server.clock() + server.config.handshake_timeout  # HTTP head, then setup
         self.active = False  # bytes arrived since the last tick
@@ -6603,13 +6602,9 @@ class ServerConnection(Client, asyncio.Protocol):
 
     def shed(self, code: int, reason: str) -> None:
         """Drop what is queued for this client and close it with `code` (4001: its output is
-        over a limit). Not sent: the client resumes from history. What the socket still holds
-        goes with the TCP connection at the next sweep if the closing handshake has not ended by
-        then: a reader that far behind would take seconds to reach the close frame, and the
-        memory is what the limit is for (the client sees 1006, and resumes the same way)."""
+        over a limit). Not sent: the client resumes from history."""
         self.out.clear()
         self.stream, self.stream_bytes = None, 0
-        self.close_grace = TICK
         self.close_websocket(code, reason, reliable=False)
 
     def buffered(self) -> int:
@@ -6642,7 +6637,7 @@ class ServerConnection(Client, asyncio.Protocol):
                 self.transport.close()  # request head not complete in time (or idle keep-alive)
             return
         if self.closing_since is not None:
-            if now - self.closing_since >= self.close_grace:
+            if now - self.closing_since >= self.server.config.close_timeout:
                 self.transport.abort()  # no close frame from the peer in time
             return
         if ws.state != OPEN or self.is_echo or self.broker is None:
