@@ -3731,6 +3731,13 @@ class Broker:
         metric("replayed_total", "counter", "Messages sent again by replay or resume.", [("", self.replayed)])
         metric("duplicates_total", "counter", "Publishes answered as duplicates.", [("", self.duplicates)])
         metric("errors_total", "counter", "Error replies by code.", [(f'{{code="{c}"}}', n) for c, n in sorted(self.errors.items())])
+        redis = shared.get("redis")
+        if redis is not None:  # several processes on one Redis: say which one answered, and how many there are
+            metric("process_info", "gauge", "This process, by its id on the Redis backbone.", [(f'{{process="{redis["process"]}"}}', 1)])
+            metric("backbone_up", "gauge", "1 while this process reaches Redis, else 0.", [("", int(bool(redis["connected"])))])
+            metric("backbone_processes", "gauge", "Gateway processes alive on this Redis.", [("", redis["processes"] or 0)])
+            metric("backbone_reconnects_total", "counter", "Reconnections to Redis.", [("", redis["reconnects"])])
+            metric("backbone_unavailable_total", "counter", "Requests answered BACKBONE_UNAVAILABLE.", [("", redis["unavailable"])])
         metric(
             "auth_refusals_total", "counter", "Tokens refused, by where they were presented (the reason is in the log).",
             [(f'{{where="{where}"}}', self.auth.refusals[where]) for where in AUTH_ENTRY_POINTS],
@@ -5829,8 +5836,7 @@ class RedisBackbone:
             "sequenced_topics": len(self._topics),
             "history": dict(self.history_figures),
             "dedup": {"entries": None},
-            "redis": {
-                "url": str(self.target),
+            "redis": {  # where Redis is stays out of /stats, which anyone may read
                 "connected": self.healthy(),
                 "process": self.process,
                 "processes": self.processes,

@@ -870,3 +870,21 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@redis
+def test_stats_and_metrics_say_which_process_answered_and_how_many_are_alive(gateway):
+    """With two gateways on one Redis, /stats and /metrics of each name that process (different ids),
+    count the processes alive on the Redis (2), say the backbone is up, and never show where Redis is."""
+    a, b = gateway(), gateway()
+    ids = []
+    for server in (a, b):
+        stats = http_request(server.url("/stats")).json()["redis"]
+        assert "url" not in stats and stats["connected"] is True
+        wait_until(lambda: http_request(server.url("/stats")).json()["redis"]["processes"] == 2, what="both processes registered")
+        metrics = http_request(server.url("/metrics")).body.decode()
+        assert f'microsocket_process_info{{process="{stats["process"]}"}} 1' in metrics
+        assert "microsocket_backbone_up 1" in metrics and "microsocket_backbone_processes 2" in metrics
+        assert "redis://" not in metrics and "127.0.0.1" not in json.dumps(stats)
+        ids.append(stats["process"])
+    assert ids[0] != ids[1]
