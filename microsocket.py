@@ -3796,6 +3796,27 @@ class _Resume:
 # holding a position in the old one can always tell.
 
 
+def _presence_down(presence: dict, subscribed: dict, topic: str, user_id: str) -> bool | None:
+    """One connection of `user_id` left `topic`, in a process's counts (topic -> user -> its
+    connections, and topic -> connections): None if it was not counted, else True when it was the
+    user's last connection to the topic here."""
+    users = presence.get(topic)
+    if users is None or user_id not in users:
+        return None
+    count = subscribed[topic] - 1
+    if count:
+        subscribed[topic] = count
+    else:
+        del subscribed[topic]
+    users[user_id] -= 1
+    if users[user_id] > 0:
+        return False
+    del users[user_id]
+    if not users:
+        del presence[topic]
+    return True
+
+
 class MemoryBackbone:
     """Everything in this process's memory: the default, and the only backbone of one process.
 
@@ -3963,19 +3984,7 @@ class MemoryBackbone:
             users[user_id] = users.get(user_id, 0) + 1
 
     def presence_remove(self, topic: str, user_id: str) -> None:
-        users = self._presence.get(topic)
-        if users is None:
-            return
-        count = self._subscribed[topic] - 1
-        if count:
-            self._subscribed[topic] = count
-        else:
-            del self._subscribed[topic]
-        users[user_id] -= 1
-        if users[user_id] <= 0:
-            del users[user_id]
-            if not users:
-                del self._presence[topic]
+        _presence_down(self._presence, self._subscribed, topic, user_id)
 
     def presence(self, topic: str, done: Callable) -> None:
         done(sorted(self._presence.get(topic, ())))
@@ -5714,19 +5723,7 @@ class RedisBackbone:
             self._request(_script(PRESENCE_SHA, (self._presence_key(topic),), _millis(self.lease), self._member(user_id)))
 
     def presence_remove(self, topic: str, user_id: str) -> None:
-        users = self._presence.get(topic)
-        if users is None or user_id not in users:
-            return
-        count = self._subscribed[topic] - 1
-        if count:
-            self._subscribed[topic] = count
-        else:
-            del self._subscribed[topic]
-        users[user_id] -= 1
-        if users[user_id] <= 0:
-            del users[user_id]
-            if not users:
-                del self._presence[topic]
+        if _presence_down(self._presence, self._subscribed, topic, user_id):  # the user's last connection here
             self._request(("ZREM", self._presence_key(topic), self._member(user_id)))
 
     def presence(self, topic: str, done: Callable) -> None:
