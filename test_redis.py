@@ -16,6 +16,7 @@ gateway killed with -9; `--workers 2`. Tests over about a second are marked `slo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -962,3 +963,22 @@ def test_stats_and_metrics_say_which_process_answered_and_how_many_are_alive(gat
         assert "redis://" not in metrics and "127.0.0.1" not in json.dumps(stats)
         ids.append(stats["process"])
     assert ids[0] != ids[1]
+
+
+def test_requests_past_the_backlog_limit_fail_at_once(monkeypatch):
+    """While Redis cannot be reached, requests wait for it (each until its deadline) in a backlog of
+    at most REDIS_MAX_BACKLOG; past it a request fails at once with BACKBONE_UNAVAILABLE instead of
+    piling up in memory."""
+    monkeypatch.setattr(ms, "REDIS_MAX_BACKLOG", 3)
+
+    async def scenario() -> tuple[list, int]:
+        backbone = RedisBackbone(ms.Config(), url="redis://127.0.0.1:1/0", timeout=5.0)
+        backbone.loop = asyncio.get_running_loop()  # as if started, with the link down
+        answers: list = []
+        for k in range(5):
+            backbone.publish("u", "t", f"m{k}", b"1", 0.0, answers.append)
+        return answers, len(backbone._unsent)
+
+    answers, held = conftest.run(scenario())
+    assert held == 3
+    assert [a.code for a in answers] == ["BACKBONE_UNAVAILABLE"] * 2
