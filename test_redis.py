@@ -855,17 +855,18 @@ def test_gateway_killed_9_sessions_resume_elsewhere_and_presence_expires(redis_u
 
 @redis
 @pytest.mark.slow
-def test_workers_share_one_port_and_one_redis(redis_url, runner):
+def test_workers_share_one_port_and_one_redis(redis_url, runner, tmp_path):
     """run_workers with 2 workers: both listen on one port (SO_REUSEPORT) and register in Redis; a
     message published on any connection reaches subscribers on every worker; a worker killed is
     started again; SIGTERM to the parent closes every connection with 1001 and exits 0."""
     port = free_port()
+    errors = open(tmp_path / "workers.err", "w+")  # the workers' logs, shown if they do not come up
     parent = subprocess.Popen(
         [sys.executable, "-c", "import sys, microsocket as ms\n"
          "from microsocket import run_workers\n"
          f"sys.exit(run_workers(ms.Config(port={port}), sys.argv[1:], workers=2, redis_url={redis_url!r}, script={runner!r}))",
          "--port", str(port), "--redis", redis_url, "--lease", str(LEASE), "--workers", "2"],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        cwd=HERE, stdout=subprocess.PIPE, stderr=errors, text=True, stdin=subprocess.DEVNULL,
     )
     def workers() -> list[int]:
         ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True)
@@ -875,7 +876,11 @@ def test_workers_share_one_port_and_one_redis(redis_url, runner):
     threading.Thread(target=lambda: listening.extend(line for line in parent.stdout if line.startswith("ws://")), daemon=True).start()
     try:
         with redis_client(redis_url) as r:
-            wait_until(lambda: len(listening) == 2, 15, "two workers listening")
+            try:
+                wait_until(lambda: len(listening) == 2, 30, "two workers listening")
+            except AssertionError:
+                errors.seek(0)
+                raise AssertionError(f"two workers did not come up; their stderr:\n{errors.read()[-3000:]}") from None
             assert {line.split()[1] for line in listening} == {"worker=0", "worker=1"}
             assert r.call("ZCARD", "ms:processes") == 2
             assert r.call("CLIENT", "LIST").decode().count("-command") == 2
@@ -899,7 +904,7 @@ def test_workers_share_one_port_and_one_redis(redis_url, runner):
             parent.kill()
             parent.wait(10)
         parent.stdout.close()
-        parent.stderr.close()
+        errors.close()
 
 
 @redis
