@@ -6690,6 +6690,7 @@ def protocol_limits(config: Config) -> dict:
         "jwtLeeway": config.jwt_leeway,
         "demoAuth": demo_auth(config),
         "signing": bool(config.sign_keys),
+        "permessageDeflate": config.permessage_deflate,
         "echo": config.echo,
     }
 
