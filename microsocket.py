@@ -1178,7 +1178,15 @@ def accept_offer(params: list[tuple[str, str | None]]) -> tuple[str, DeflatePara
         # §7.1.2.2: the answer may hold client_max_window_bits only if the offer did, and then
         # "a value equal to or smaller than the received value": the client's own.
         answer.append(f"client_max_window_bits={client_bits}")
-    return "; ".join(answer), DeflateParams(server_bits, max(client_bits, MIN_ZLIB_WINDOW_BITS), True)
+    return "; ".join(answer), _AGREEMENTS[server_bits, max(client_bits, MIN_ZLIB_WINDOW_BITS)]
+
+
+# Every agreement accept_offer can reach, made once: connections share them, none is made per connection.
+_AGREEMENTS = {
+    (server, client): DeflateParams(server, client, True)
+    for server in range(MIN_WINDOW_BITS, MAX_WINDOW_BITS + 1)
+    for client in range(MIN_ZLIB_WINDOW_BITS, MAX_WINDOW_BITS + 1)
+}
 
 
 def negotiate(header_values: Iterable[str]) -> tuple[str | None, DeflateParams | None]:
