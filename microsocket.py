@@ -29,7 +29,8 @@ Auth: demo auth (any non-empty token is the userId) until a JWT key is given (--
 --jwt-keys: HS256, RS256); then tokens are verified, ACLs apply (--acl, read/write claims), tokens
 expire (close 4003) and `refresh` renews them; --sign-key signs every message (RFC 8785, HMAC).
 Scale-out: with --redis several processes share one Redis and behave as one gateway; --workers N
-starts N of them on one port. What it does not do (yet): permessage-deflate, Redis Cluster.
+starts N of them on one port. --permessage-deflate compresses (RFC 7692), each broadcast once.
+What it does not do (yet): Redis Cluster.
 
 Embedding it in an asyncio program::
 
