@@ -1,6 +1,7 @@
 """The /docs page in Chromium: the console (connect, set up, publish, drop, resume, gaps, JSON
 errors) and its MicroSocketClient (per-topic epochs after a topic starts again, the live limits,
-ack before the publisher's own message, the microsocket.v1 subprotocol, the source it shows).
+ack before the publisher's own message, the microsocket.v1 subprotocol, the source it shows), and
+permessage-deflate as Chromium negotiates it by itself (or gets none from a server without it).
 
 Chromium (Debian's `chromium`) is driven by the `playwright` package through executable_path;
 never `playwright install`. Playwright's sync API cannot run inside an asyncio loop, which is why
@@ -554,3 +555,83 @@ def test_client_drops_topics_the_token_may_no_longer_read(server_factory, tmp_pa
         expect(ended).to_contain_text('"topic":"prices"')
         assert page.evaluate("c => [...c.topics, ...c.wanted]", page.evaluate_handle("window.microsocketClient")) == []
         assert server.stats()["subscriptions"] == 0
+
+
+# === permessage-deflate: negotiated by Chromium itself when the server accepts it =================
+
+
+def opened_line(page, expect):
+    """Connect with the console (setup on connect), subscribe to TOPIC; the log's one `open` entry."""
+    connect_and_subscribe(page, expect)
+    opened = page.locator('#log .entry[data-type="open"][data-dir="event"]')
+    expect(opened).to_have_count(1)
+    return opened
+
+
+def deflate_stats(server) -> dict:
+    """The permessage_deflate object of /stats, read over HTTP."""
+    response = http_request(server.url("/stats"))
+    assert response.status == 200
+    return response.json()["permessage_deflate"]
+
+
+def test_chromium_negotiates_permessage_deflate_and_gets_compressed_messages(server_factory, tmp_path):
+    """With --permessage-deflate, Chromium negotiates permessage-deflate by itself (ws.extensions, the console's open line, the server's side of the connection), and a published message of a few hundred bytes, compressed by the server, arrives and is shown intact."""
+    server = server_factory(permessage_deflate=True)
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        expect(page.locator('#compression + p [data-limit="permessageDeflate"]')).to_have_text("on")
+        opened = opened_line(page, expect)
+        extensions = page.evaluate("window.microsocketClient.ws.extensions")
+        assert extensions.split(";")[0].strip() == "permessage-deflate", extensions
+        assert "server_no_context_takeover" in extensions and "client_no_context_takeover" in extensions, extensions
+        expect(opened).to_contain_text(f"extensions {json.dumps(extensions)}")
+        agreed = server.call(lambda: [c.deflate for c in server.server.connections if getattr(c, "deflate", None) is not None])
+        assert agreed == [ms.DeflateParams(ms.MAX_WINDOW_BITS, ms.MAX_WINDOW_BITS, True)], agreed
+
+        # A message of a few hundred bytes published over HTTP: compressed once by the server, for
+        # this one subscriber, and nothing else compressed meanwhile (the page's ack has no reply).
+        before = deflate_stats(server)
+        note = "compressible " * 30 + "end"
+        status, _, body = http_request(server.url("/demo/publish/prices?note=" + urllib.parse.quote(note)))
+        assert status == 200, body
+        entry = log_entry(page, "message", "compressible compressible")
+        expect(entry).to_have_count(1)
+        raw = entry.evaluate("d => d._raw")
+        received = json.loads(raw)
+        assert received["data"] == {"note": note} and received["messageId"] == json.loads(body)["messageId"], received
+        entry.click()  # the pretty-printed JSON shows the whole value, not only the line's start
+        expect(entry.locator("pre")).to_contain_text(note)
+        after = deflate_stats(server)
+        plain_frame = len(ms.serialize_frame(ms.Opcode.TEXT, raw.encode()))
+        assert after["compressed"] == before["compressed"] + 1, (before, after)
+        assert after["bytes_before"] - before["bytes_before"] == plain_frame, (before, after, plain_frame)
+        assert 0 < after["bytes_after"] - before["bytes_after"] < plain_frame // 2, (before, after, plain_frame)
+        assert after["kept_forms"] == before["kept_forms"] + 1, (before, after)
+
+        # The console's own publish: Chromium sends it compressed (it deflates what it sends once the
+        # extension is agreed), the server inflates it, acks it and sends the message back compressed.
+        page.select_option("#type", "publish")
+        page.fill("#payload", json.dumps({"text": "round trip " * 40}))
+        message_id = json.loads(page.locator("#preview").inner_text())["messageId"]
+        page.click("#send")
+        expect(log_entry(page, "ack", message_id)).to_have_count(1)
+        own = log_entry(page, "message", message_id)
+        expect(own).to_have_count(1)
+        assert json.loads(own.evaluate("d => d._raw"))["data"] == {"text": "round trip " * 40}
+        assert deflate_stats(server)["compressed"] > after["compressed"]
+        expect(page.locator("#state")).to_have_text("open")
+
+
+def test_chromium_gets_no_extension_from_a_server_without_permessage_deflate(server_factory, tmp_path):
+    """Without --permessage-deflate the server accepts no extension: Chromium's ws.extensions is empty and the console's open line says "extensions none"."""
+    server = server_factory()
+    with console_page(server.port, tmp_path) as (page, expect):
+        expect(page.locator("body")).to_have_attribute("data-limits", "loaded")
+        expect(page.locator('#compression + p [data-limit="permessageDeflate"]')).to_have_text("off")
+        opened = opened_line(page, expect)
+        assert page.evaluate("window.microsocketClient.ws.extensions") == ""
+        expect(opened).to_contain_text("extensions none")
+        assert "permessage_deflate" not in http_request(server.url("/stats")).json()
+        http_request(server.url("/demo/publish/prices?note=" + "plain%20" * 40))
+        expect(log_entry(page, "message", "plain plain")).to_have_count(1)
