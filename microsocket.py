@@ -7518,6 +7518,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", dest="demo", action="store_const", const=True, default=None if demo is None else _env_flag("demo", True), help="turn GET /demo/publish/{topic} on, even with JWT auth (it publishes without a token) [MICROSOCKET_DEMO=1] (default: on with demo auth, off with JWT)")
     parser.add_argument("--no-demo", dest="demo", action="store_const", const=False, help="turn GET /demo/publish/{topic} off [MICROSOCKET_DEMO=0]")
     parser.add_argument("--sign-key", dest="sign_keys", action="append", default=None, metavar="KID=SECRET", help="sign every message with HMAC-SHA256 under SECRET (UTF-8, at least 32 bytes), named KID; repeatable: the first signs, all are listed for rotation [MICROSOCKET_SIGN_KEYS, comma-separated] (default: no signing)")
+    parser.add_argument("--loop", default=os.environ.get("MICROSOCKET_LOOP", "asyncio"), choices=list(EVENT_LOOPS), help="the event loop: asyncio's own; uvloop (a faster one, pip install uvloop; the server refuses to start without it); auto: uvloop if it is installed, else asyncio's [MICROSOCKET_LOOP] (default: %(default)s)")
     parser.add_argument("--log-level", default=os.environ.get("MICROSOCKET_LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, help="log verbosity [MICROSOCKET_LOG_LEVEL] (default: %(default)s)")
     parser.add_argument("--version", action="version", version=f"microsocket {__version__}")
     return parser
@@ -7714,12 +7715,32 @@ def run_workers(config: Config, argv: list[str], workers: int | None = None, red
     return 0 if clean else 1
 
 
+EVENT_LOOPS = ("asyncio", "uvloop", "auto")
+
+
+def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
+    """The event loop `--loop` asks for, and its name. uvloop is an optional accelerator, imported
+    only here: the module itself never needs it. ValueError when "uvloop" is asked for and absent."""
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"--loop must be one of {', '.join(EVENT_LOOPS)}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("--loop uvloop: the uvloop package is not installed (python3 -m pip install uvloop)") from None
+        else:
+            return uvloop.new_event_loop, "uvloop"
+    return asyncio.new_event_loop, "asyncio"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
         Auth(config)  # keys, ACL file and signing keys are read and checked before listening
+        loop_factory, loop_name = event_loop_factory(args.loop)
     except ValueError as exc:
         return _usage_error(str(exc))
     try:
@@ -7736,10 +7757,13 @@ def main(argv: list[str] | None = None) -> int:
         loop.set_exception_handler(quiet_accept_errors())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if loop_name != "asyncio":
+            log.info("event loop: %s", loop_name)
         await Server(config).serve_forever(stop)
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run())
     except ConnectionError as exc:  # an OSError too: Redis, not the listening socket
         print(f"microsocket.py: error: {exc}", file=sys.stderr)
         return 1

@@ -1,12 +1,14 @@
 """Section 16 of microsocket.py: the command line, run as a subprocess.
 
 The CLI's checks and messages, its banner, the environment variables, signals, and the open-file
-limit that caps --max-connections.
+limit that caps --max-connections, and --loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +159,65 @@ def test_past_the_open_file_limit_handshakes_get_503_not_hangs():
     err = "".join(proc.stderr_lines)
     assert "max-connections 100000 is over what the open-file limit (160) allows" in err
     assert "out of system resource" not in err
+
+
+# -- --loop: asyncio's event loop, or uvloop when it is installed
+
+
+def _has_uvloop() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def test_event_loop_factory_picks_what_is_asked():
+    """--loop asyncio is asyncio's own loop; auto is uvloop exactly when it is installed; a wrong name is refused."""
+    factory, name = ms.event_loop_factory("asyncio")
+    assert (factory, name) == (asyncio.new_event_loop, "asyncio")
+    factory, name = ms.event_loop_factory("auto")
+    assert name == ("uvloop" if _has_uvloop() else "asyncio")
+    loop = factory()
+    try:
+        assert type(loop).__module__.split(".")[0] == name
+    finally:
+        loop.close()
+    with pytest.raises(ValueError, match="--loop must be one of"):
+        ms.event_loop_factory("trio")
+
+
+@pytest.mark.skipif(_has_uvloop(), reason="uvloop is installed here: the refusal without it cannot be seen")
+def test_loop_uvloop_without_uvloop_is_a_usage_error():
+    """--loop uvloop where uvloop is not installed stops at start (exit 2) and says how to install it."""
+    done = subprocess.run([sys.executable, SCRIPT, "--loop", "uvloop"], capture_output=True, text=True, timeout=20, env=child_env())
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "pip install uvloop" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # a Python subprocess
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_server_serves_pubsub_on_each_event_loop(loop, wsclient):
+    """On either event loop the CLI server sets up, subscribes, publishes and delivers, and stops with 1001 on SIGTERM."""
+    if loop == "uvloop" and not _has_uvloop():
+        pytest.skip("uvloop is not installed: python3 -m pip install uvloop")
+    port = free_port()
+
+    async def round_trip(proc) -> tuple[dict, dict, int]:
+        async with wsclient.connect(f"ws://127.0.0.1:{port}/ws") as a, wsclient.connect(f"ws://127.0.0.1:{port}/ws") as b:
+            await setup(a, "alice")
+            await setup(b, "bob")
+            await b.send(json.dumps({"type": "subscribe", "topic": "t"}))
+            assert json.loads(await b.recv())["type"] == "subscribed"
+            await a.send(json.dumps({"type": "publish", "topic": "t", "messageId": "m1", "payload": {"x": "y" * 100}}))
+            ack = json.loads(await a.recv())
+            message = json.loads(await b.recv())
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(b.wait_closed(), 10)
+            return ack, message, b.close_code
+
+    with cli("--port", str(port), "--loop", loop, "--log-level", "INFO") as (proc, lines):
+        read_banner(lines)
+        ack, message, code = run(round_trip(proc))
+        assert ack["status"] == "ok" and ack["seqNo"] == 1
+        assert message["data"] == {"x": "y" * 100} and message["seqNo"] == 1
+        assert code == 1001
+        assert proc.wait(timeout=10) == 0
+    named = any("event loop: uvloop" in line for line in proc.stderr_lines)
+    assert named == (loop == "uvloop")
