@@ -138,6 +138,35 @@ def test_fragment_hold_is_closed_1013_past_the_buffer_budget():
     assert_growth(r, budget + rate * size + SLACK, "unfinished messages are not bounded in total")
 
 
+def test_deflate_hold_counts_inflated_bytes_in_the_buffer_budget():
+    """60 connections with permessage-deflate each leave an unfinished compressed message of about a
+    kilobyte that inflates to just under 1 MiB, with --max-buffered 16 MiB: the budget counts what was
+    inflated, not the kilobyte on the wire, so the largest holders are closed with 1013 until the rest
+    fit (without that count none would be). They all arrive within one sweep, so RSS may first hold
+    them all; the bound checked is the budget plus that one second of arrivals."""
+    budget, size = 16 * MiB, hostile.MAX_MESSAGE_SIZE - 64 * 1024
+    r = attack("deflate-hold", f"--max-buffered={budget}", conns=60, inflates_to=size, hold=2.0)
+    assert r["conns"] == 60 and r["failed"] == 0, r
+    assert r["wire_bytes_each"] < 4096, r  # a kilobyte on the wire ...
+    ended = r["ended"]
+    assert set(ended) <= {"1013", "open"}, ended  # ... and nothing else closed them
+    assert ended.get("1013", 0) >= 60 - budget // size - 4, f"too few closed with 1013: {ended}"
+    assert ended.get("open", 0) >= 4, f"holders under the budget must stay open: {ended}"
+    assert_pair_unharmed(r)
+    assert_growth(r, budget + 30 * size + SLACK, "inflated bytes of unfinished messages are not bounded in total")
+
+
+def test_deflate_bombs_are_closed_1009_having_inflated_only_the_limit():
+    """300 compressed messages of 64 KB, each inflating to 64 MiB, from 20 connections at a time: each
+    is refused with 1009 once its inflated size passes the 1 MiB limit, RSS does not grow by even one
+    bomb's inflated size, and the well-behaved pair beside them is unharmed."""
+    r = attack("deflate-bomb", bombs=300, conns=20, inflates_to=64 * MiB, timeout=10.0)
+    assert r["failed"] == 0 and r["closes"] == {"1009": 300}, r
+    assert r["wire_bytes_each"] < 100_000, r
+    assert_pair_unharmed(r)
+    assert_growth(r, 64 * MiB, "a bomb was inflated past the message size limit")
+
+
 def test_slow_readers_are_closed_4001_past_the_buffer_budget():
     """30 subscribers read 32 KiB every 0.5 s while their topic gets 2 MB/s each (60 MB/s of unsent
     data in all), with --max-buffered 16 MiB and a per-connection --max-buffer of 8 MiB (so the

@@ -20,7 +20,8 @@ with --json).
 Standard library plus `websockets` (the pair only). Nothing here imports microsocket.py, so it runs
 against older versions too: no server flag is passed unless given with --server-arg, except that
 bare-tcp runs its server with a lower open-file limit (RLIMIT_NOFILE, set in the child) so that the
-attack can exhaust it, and says so. Every process started is killed by its PID in a finally.
+attack can exhaust it, and says so, and the deflate attacks add --permessage-deflate (they offer it
+and stop, saying so, when the server does not accept it). Every process started is killed by its PID in a finally.
 
 test_hostile.py imports this file (importlib) and calls `run_attack(name, params=..., server_args=...)`.
 """
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from typing import Any, Awaitable, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,7 +111,7 @@ class FrameStream:
     def __init__(self, keep: int | None = None) -> None:
         self.buf = bytearray()
         self.keep = keep
-        self.cur: list | None = None  # [opcode, length, kept, remaining]
+        self.cur: list | None = None  # [opcode, length, kept, remaining, compressed]
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """The frames `data` completes: (opcode, payload length, payload or its first `keep` bytes)."""
@@ -136,7 +138,7 @@ class FrameStream:
                     if p > end:
                         break
                 pos = p
-                self.cur = [b0 & 0x0F, n, bytearray(), n]
+                self.cur = [b0 & 0x0F, n, bytearray(), n, bool(b0 & 0x40)]
             cur = self.cur
             take = min(cur[3], end - pos)
             room = cur[1] if self.keep is None or cur[1] <= self.SMALL else self.keep
@@ -146,7 +148,12 @@ class FrameStream:
             cur[3] -= take
             if cur[3]:
                 break
-            out.append((cur[0], cur[1], bytes(cur[2])))
+            payload = bytes(cur[2])
+            if cur[4] and len(payload) == cur[1]:
+                # permessage-deflate: the server compresses each message on its own (no context
+                # takeover), so it inflates alone (RFC 7692 §7.2.2: the tail is appended again).
+                payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+            out.append((cur[0], cur[1], payload))
             self.cur = None
         del buf[:pos]
         return out
@@ -217,14 +224,17 @@ class RawWS:
 
     @classmethod
     async def open(cls, port: int, path: str = "/ws", rcvbuf: int | None = None, timeout: float = 10,
-                   keep: int | None = None) -> RawWS:
+                   keep: int | None = None, extensions: str | None = None) -> RawWS:
+        """Connect and hand-shake; `extensions` is offered in Sec-WebSocket-Extensions, and what the
+        server answered is in `ws.extensions` ("" for nothing)."""
         sock = await tcp_connect(port, rcvbuf, timeout)
         ws = cls(sock, keep)
         try:
             key = base64.b64encode(os.urandom(16)).decode()
+            offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
             await ws.send(
                 f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
             )
             head = b""
             while b"\r\n\r\n" not in head:
@@ -236,6 +246,8 @@ class RawWS:
             status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.1 ") else b"0"
             if status != b"101":
                 raise Refused(int(status), head.decode("latin-1"))
+            found = re.search(rb"(?im)^sec-websocket-extensions:[ \t]*(.*?)[ \t]*$", head)
+            ws.extensions = found.group(1).decode("latin-1") if found else ""
             if rest:
                 ws._take(rest)
         except BaseException:
@@ -1047,6 +1059,119 @@ async def fragment_hold(ctx: Context, p: dict) -> dict:
             "did": f"{len(conns)} × {size / MiB:.2f} MB unfinished: {describe(ended)}" + (f" ({failed} failed to connect)" if failed else "")}
 
 
+# -- deflate-hold and deflate-bomb: compressed messages (permessage-deflate, RFC 7692)
+
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"  # what Chrome offers
+
+
+def compressed(size: int) -> bytes:
+    """`size` bytes of "a" as one permessage-deflate message payload (raw deflate, sync flush, tail
+    removed), compressed a MiB at a time: a gigabyte bomb is made without holding a gigabyte."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = b"a" * MiB
+    out = [compressor.compress(chunk[: min(MiB, size - done)]) for done in range(0, size, MiB)]
+    out.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(out)[:-4]
+
+
+def compressed_frame(payload: bytes, fin: bool = True) -> bytes:
+    """A masked text frame with RSV1 set (the first frame of a compressed message)."""
+    data = frame(0x1, payload, fin)
+    return bytes((data[0] | 0x40,)) + data[1:]
+
+
+async def open_deflate(ctx: Context, token: str) -> RawWS:
+    """A set-up connection that negotiated permessage-deflate, or RuntimeError saying the server did not."""
+    ws = ctx.keep(await RawWS.open(ctx.port, timeout=20, keep=256, extensions=DEFLATE_OFFER))
+    if "permessage-deflate" not in ws.extensions:
+        raise RuntimeError("the server did not accept permessage-deflate (start it with --permessage-deflate)")
+    await ws.setup(token)
+    return ws
+
+
+async def deflate_hold(ctx: Context, p: dict) -> dict:
+    """Many connections each holding an unfinished compressed message that inflates to just under the
+    limit: about a kilobyte on the wire each, a megabyte in the server unless it counts what it inflated."""
+    payload = compressed(p["inflates_to"])
+    first = compressed_frame(payload, fin=False)
+    conns: list[RawWS] = []
+    failed = 0
+    ctx.hot()
+    started = time.monotonic()
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        try:
+            ws = await open_deflate(ctx, f"dhold{i}")
+            await ws.send(first)
+            conns.append(ws)
+            ctx.task(watch_close(ws))
+        except (OSError, Refused, Closed, asyncio.TimeoutError):
+            failed += 1
+
+    first_conn = await open_deflate(ctx, "dhold-first")  # fails the attack at once on a server without the extension
+    first_conn.close()
+    await gather_limited(p["conns"], 50, one)
+    sent = time.monotonic() - started
+    await ctx.sleep(p["hold"])
+    ended = close_summary(conns)
+    return {"conns": len(conns), "failed": failed, "wire_bytes_each": len(first), "inflates_to": p["inflates_to"],
+            "sent_in_s": round(sent, 2), "ended": dict(ended),
+            "did": f"{len(conns)} × {len(first):,} B inflating to {p['inflates_to'] / MiB:.2f} MB, unfinished: {describe(ended)}"
+                   + (f" ({failed} failed to connect)" if failed else "")}
+
+
+async def deflate_bomb(ctx: Context, p: dict) -> dict:
+    """Compressed messages that inflate far past the limit (a few KB each inflating to `inflates_to`),
+    sent by `conns` connections at a time, each reconnecting after its close, `bombs` in all."""
+    payload = compressed(p["inflates_to"])
+    bomb = compressed_frame(payload)
+    codes: collections.Counter = collections.Counter()
+    times: list[float] = []
+    failed = 0
+    first_conn = await open_deflate(ctx, "dbomb-first")
+    first_conn.close()
+    ctx.hot()
+    started = time.monotonic()
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        try:
+            ws = await open_deflate(ctx, f"dbomb{i}")
+            sent = time.monotonic()
+            await ws.send(bomb)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await watch_close_for(ws, p["timeout"])
+            times.append(time.monotonic() - sent)
+            codes[str(ws.close_code) if ws.close_code is not None else ("eof" if ws.eof else "open")] += 1
+            ws.close()
+        except (OSError, Refused, Closed, asyncio.TimeoutError):
+            failed += 1
+
+    await gather_limited(p["bombs"], p["conns"], one)
+    elapsed = time.monotonic() - started
+    ctx.cold()
+    cpu = proc_cpu(ctx.server.pid)
+    cpu_each = None if cpu is None or ctx.cpu_at_hot is None or not times else (cpu - ctx.cpu_at_hot) / len(times)
+    times.sort()
+    return {"bombs": len(times), "failed": failed, "wire_bytes_each": len(bomb), "inflates_to": p["inflates_to"],
+            "closes": dict(codes), "elapsed_s": round(elapsed, 2),
+            "close_p99_ms": round(times[int(0.99 * (len(times) - 1))] * 1000, 1) if times else None,
+            "server_cpu_ms_each": None if cpu_each is None else round(cpu_each * 1000, 2),
+            "did": f"{len(times)} bombs of {len(bomb):,} B → {p['inflates_to'] / MiB:,.0f} MB: {describe(codes)}"
+                   + (f", {cpu_each * 1000:.1f} ms of server CPU each (handshake and setup included)" if cpu_each is not None else "")}
+
+
+async def watch_close_for(ws: RawWS, timeout: float) -> None:
+    """Read until the server closes (close frame or EOF), for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ws.eof and ws.close_code is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError("the server did not close")
+        await asyncio.wait_for(ws.read_some(), left)
+
+
 # -- slow-readers
 
 
@@ -1623,6 +1748,10 @@ ATTACKS: dict[str, tuple[Callable, Callable[[float], dict]]] = {
         "users": _sc(2000, s), "token_len": 4096, "requests": _sc(40, s), "hold": 4.0, "read_after": False, "read_timeout": 30}),
     "fragment-hold": (fragment_hold, lambda s: {
         "conns": _sc(1000, s), "size": MAX_MESSAGE_SIZE - 1024, "rate": 0, "hold": 4.0}),
+    "deflate-hold": (deflate_hold, lambda s: {
+        "conns": _sc(1000, s), "inflates_to": MAX_MESSAGE_SIZE - 64 * 1024, "hold": 4.0, "server_args": ["--permessage-deflate"]}),
+    "deflate-bomb": (deflate_bomb, lambda s: {
+        "bombs": _sc(2000, s), "conns": 50, "inflates_to": 64 * MiB, "timeout": 10.0, "server_args": ["--permessage-deflate"]}),
     "slow-readers": (slow_readers, lambda s: {
         "readers": _sc(200, s), "read_bytes": 32768, "read_every": 0.5, "rcvbuf": 8192, "msg_bytes": 2000, "rate": 500,
         "duration": 10.0, "drain": 5.0}),
@@ -1663,7 +1792,7 @@ async def run_attack(name: str, server: str = DEFAULT_SERVER, scale: float = 1.0
     fn, defaults = ATTACKS[name]
     p = defaults(scale)
     p.update(params or {})
-    args = list(server_args)
+    args = list(server_args) + [a for a in p.get("server_args", ()) if a not in server_args]
     srv = ServerProcess(server, args, nofile=p.get("server_nofile"))
     pair: Pair | None = None
     sampler: RssSampler | None = None
