@@ -966,6 +966,21 @@ def test_connection_compressed_message_at_the_limit():
     assert_failed(over, 1009)
 
 
+def test_connection_incompressible_message_at_the_limit_is_accepted_compressed():
+    """A message within max_message_size is accepted compressed as it is plain, though deflate made random data a few bytes larger than the limit."""
+    # Fails on 34c47c9: parse_header checks the compressed frame's length against max_message_size
+    # (1009 "frame of 10006 bytes is over the 10000-byte limit"), though the Inflater already bounds
+    # the message's real size. Seen end to end: a websockets client echoing 1 MiB of random bytes
+    # gets it back without compression and 1009 with it.
+    limit = 10_000
+    blob = random.Random(3).randbytes(limit)
+    assert ms.WebSocketConnection(limit).receive_data(masked(ms.Opcode.BINARY, blob)) == [(ms.Opcode.BINARY, blob)]
+    frame = compressed(ms.Opcode.BINARY, blob)
+    assert len(ms.compress_message(blob)) > limit  # what a client that compresses every message (the websockets library does) sends
+    conn = deflate_conn(max_message_size=limit)
+    assert conn.receive_data(frame) == [(ms.Opcode.BINARY, blob)], f"closed {conn.close_sent}"
+
+
 def test_connection_turn_budget_counts_inflated_output():
     """Small compressed frames that inflate to 4 x INFLATE_TURN_UNIT each use up the turn before FRAMES_PER_TURN frames: `more` is set, and later turns deliver the rest."""
     size = 4 * ms.INFLATE_TURN_UNIT
@@ -978,6 +993,24 @@ def test_connection_turn_budget_counts_inflated_output():
     assert 0 < len(events) <= ms.FRAMES_PER_TURN // 5 + 1  # each frame counts 1 + 4
     rest = receive_all(conn, b"")
     assert len(events) + len(rest) == n and all(e == (ms.Opcode.BINARY, bytes(size)) for e in events + rest)
+
+
+def test_connection_turn_budget_counts_inflated_bytes_across_frames():
+    """The budget adds up inflated bytes across frames: frames inflating to just under INFLATE_TURN_UNIT each still cost about two frames each, so one turn does not inflate 64 of them."""
+    # Fails on 34c47c9: _parse subtracts len(data) // INFLATE_TURN_UNIT per inflated chunk, so what
+    # each chunk inflates to under a whole unit is never counted: 64 frames of 64 KiB - 1 inflate
+    # 4 MiB in one turn at the cost of 64 frames, twice what the rule allows.
+    size = ms.INFLATE_TURN_UNIT - 1
+    frame = compressed(ms.Opcode.BINARY, bytes(size))
+    n = ms.FRAMES_PER_TURN
+    conn = deflate_conn()
+    events = conn.receive_data(frame * n)
+    # Every INFLATE_TURN_UNIT inflated counts as one more frame (section 6): the turn's cost, frames
+    # parsed plus units inflated, stays within the budget, give or take the last frame's own cost.
+    cost = len(events) + len(events) * size / ms.INFLATE_TURN_UNIT
+    assert cost < ms.FRAMES_PER_TURN + 2, f"{len(events)} frames inflating to {len(events) * size} bytes in one turn (more={conn.more})"
+    assert conn.more
+    assert len(events) + len(receive_all(conn, b"")) == n
 
 
 def test_connection_buffered_counts_inflated_bytes():
