@@ -577,6 +577,12 @@ def compress_message(payload: bytes | memoryview, window_bits: int = MAX_WINDOW_
     return data[:-4] if data.endswith(DEFLATE_TAIL) else data
 
 
+def compressed_limit(size: int) -> int:
+    """The most bytes deflate can make of `size` bytes (zlib's deflateBound, rounded up): the wire
+    limit of a compressed message whose inflated size may be `size`. Random data grows a little."""
+    return size + (size >> 12) + (size >> 14) + 64
+
+
 def deflate_frame(opcode: int, payload: bytes | memoryview, server_max_window_bits: int = MAX_WINDOW_BITS) -> bytes | None:
     """The compressed frame (RSV1 set) for `payload`, or None when the plain frame is as small."""
     if len(payload) < DEFLATE_THRESHOLD:
@@ -1266,6 +1272,7 @@ class WebSocketConnection:
         "deflate",
         "_compressed",
         "_inflater",
+        "_frame_limit",
     )
 
     def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, deflate: DeflateParams | None = None) -> None:
@@ -1274,6 +1281,10 @@ class WebSocketConnection:
         self.deflate = deflate  # permessage-deflate's agreed parameters; None: not negotiated
         self._compressed = False  # the open message is compressed (RSV1 on its first frame)
         self._inflater: Inflater | None = None  # made on the first compressed message
+        # A data frame's length is checked against this before its payload is read: the message
+        # size limit, or with permessage-deflate what a message of that size can be compressed to
+        # (a compressed message's own limit is its inflated size, checked as it inflates).
+        self._frame_limit = compressed_limit(max_message_size) if deflate is not None else max_message_size
         self.close_code: int | None = None  # the code received from the peer, once it has closed
         self.close_reason = ""
         self.close_sent: int | None = None  # the code of the close frame we started the handshake with
@@ -1317,6 +1328,7 @@ class WebSocketConnection:
         end = len(buf)
         frames = FRAMES_PER_TURN
         deflate = self.deflate is not None
+        inflated = 0  # inflated bytes this turn not yet counted as frames
         self.more = False
         while self.state != CLOSED:
             header = self._header
@@ -1325,7 +1337,7 @@ class WebSocketConnection:
                     self.more = pos < end  # the rest waits for the next call
                     break
                 frames -= 1
-                header = parse_header(buf, pos, self.max_message_size, deflate)
+                header = parse_header(buf, pos, self._frame_limit, deflate)
                 if header is None:
                     break
                 if header.mask is None:
@@ -1359,7 +1371,10 @@ class WebSocketConnection:
                 last = not self._remaining and header.fin
                 if self._compressed and self.state == OPEN:
                     data = self._inflate(data, last)
-                    frames -= len(data) // INFLATE_TURN_UNIT
+                    inflated += len(data)
+                    if inflated >= INFLATE_TURN_UNIT:
+                        frames -= inflated // INFLATE_TURN_UNIT
+                        inflated %= INFLATE_TURN_UNIT
                 self._payload(data, last, messages)
                 if not self._remaining:
                     self._header = None
@@ -1386,8 +1401,9 @@ class WebSocketConnection:
             self._compressed = header.rsv1
             self._size = 0
             self._fragments = 0
-        if self._size + header.length > self.max_message_size:
-            raise PayloadTooBig(f"message over the {self.max_message_size}-byte limit")
+        limit = self._frame_limit if self._compressed else self.max_message_size
+        if self._size + header.length > limit:
+            raise PayloadTooBig(f"message over the {limit}-byte limit")
         self._size += header.length
         self._fragments += 1
         if self._fragments > MAX_SMALL_FRAGMENTS and self._fragments * MIN_FRAGMENT_AVERAGE > self._size:
@@ -1468,8 +1484,11 @@ class WebSocketConnection:
     def buffered(self) -> int:
         """Bytes of input held: unparsed, and the open message so far (as its frame headers
         declared, and as inflated when it is compressed)."""
+        unparsed = len(self._buffer) - self._start
+        if self.state != OPEN:
+            return unparsed  # what still arrives of an open message is dropped as it is read
         inflated = self._inflater.size if self._compressed and self._inflater is not None else 0
-        return len(self._buffer) - self._start + self._size + inflated
+        return unparsed + self._size + inflated
 
     # -- output
 
@@ -1479,7 +1498,13 @@ class WebSocketConnection:
             self._out.append(serialize_frame(Opcode.CLOSE, serialize_close(code, reason)))
             self.close_sent = code
             self.state = CLOSING
-            self._end_message(abandoned=True)
+            # The peer may be in the middle of a fragmented message: its remaining frames are read
+            # and dropped until its close frame arrives (§7.1.1), so the message stays open, but
+            # what it held is let go.
+            self._parts = []
+            self._decoder = None
+            if self._inflater is not None:
+                self._inflater.end_message()
 
     def data_to_send(self) -> bytes:
         """The close frame queued by the state machine, once."""
