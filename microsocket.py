@@ -511,8 +511,15 @@ def utf8(text: str) -> bytes:
 
 
 def text_frame(text: str) -> bytes:
-    """A server text frame holding `text`."""
-    return serialize_frame(Opcode.TEXT, utf8(text))
+    """A server text frame holding `text`. Every reply is one, so the common case (UTF-8 without
+    a lone surrogate, under 126 bytes: a one-byte length) is built here, without further calls."""
+    try:
+        payload = text.encode()
+    except UnicodeEncodeError:
+        payload = utf8(text)
+    if len(payload) < 126:
+        return bytes((0x80 | Opcode.TEXT, len(payload))) + payload  # FIN, TEXT; unmasked
+    return serialize_frame(Opcode.TEXT, payload)
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
@@ -1616,6 +1623,13 @@ def message_frame(topic: str, seq: int, message_id: str, data: bytes, signature:
         return serialize_frame(Opcode.TEXT, b"".join((head, data, b"}")))
     tail = utf8(f',"kid":{_quote(signature[0])},"sig":"{signature[1]}"}}')
     return serialize_frame(Opcode.TEXT, b"".join((head, data, tail)))
+
+
+def ack_frame(message_id: str, status: str, seq: int, msg_id: Any = None) -> bytes:
+    """The frame of a publish's `ack` (status "ok" or "duplicate"), with the request's `id` when it
+    had one. Written out like `message_frame`, not encoded from a dict: every publish gets one."""
+    text = f'{{"type":"ack","messageId":{_quote(message_id)},"status":"{status}","seqNo":{seq}'
+    return text_frame(f"{text}}}" if msg_id is None else f'{text},"id":{encode(msg_id)}}}')
 
 
 def message_size(topic: str, message_id: str, data: bytes) -> int:
@@ -3868,8 +3882,7 @@ class Broker:
                 if result.__class__ is not PublishResult:
                     raise result
                 self._count(result)
-                ack = {"type": "ack", "messageId": message_id, "status": result.status, "seqNo": result.seq_no}
-                client.fill(slot, [self._frame(msg, ack)])
+                client.fill(slot, [ack_frame(message_id, result.status, result.seq_no, msg.get("id"))])
             except Exception as exc:
                 self._fail(client, slot, msg, exc)
 
