@@ -1322,6 +1322,8 @@ class WebSocketConnection:
                 if frames <= 0:
                     self.more = pos < end  # the rest waits for the next call
                     break
+                if end - pos < 2:
+                    break  # not even the start of a header: usually the end of what arrived
                 frames -= 1
                 header = parse_header(buf, pos, self.max_message_size, deflate)
                 if header is None:
@@ -1336,6 +1338,22 @@ class WebSocketConnection:
                     start = pos + header.size
                     pos = start + header.length
                     self._control(header.opcode, apply_mask(buf[start:pos], header.mask), messages)
+                    continue
+                if (
+                    header.fin and header.opcode != Opcode.CONT and not header.rsv1 and not self._message_opcode
+                    and self.state == OPEN and end - pos >= header.size + header.length
+                ):
+                    # The common case: a whole message in one frame, and all of it has arrived.
+                    # parse_header checked its size; there is no fragment state to keep.
+                    start = pos + header.size
+                    pos = start + header.length
+                    payload = apply_mask(buf[start:pos], header.mask)
+                    if header.opcode == Opcode.TEXT:
+                        try:
+                            payload = payload.decode()
+                        except UnicodeDecodeError:
+                            raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None  # §8.1
+                    messages.append((header.opcode, payload))
                     continue
                 self._start_frame(header)
                 pos += header.size
