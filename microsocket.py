@@ -1812,6 +1812,9 @@ class Dedup:
         self.clock = clock
         self._users: dict[str, collections.OrderedDict] = {}  # user -> {messageId: (seqNo, time)}
         self._order: collections.OrderedDict = collections.OrderedDict()  # (user, messageId) -> time
+        # The time of the oldest entry as `_expire` last found it; what was forgotten since can only
+        # have made the oldest younger. While it is inside the window, an add has nothing to expire.
+        self._oldest = -math.inf
 
     def __len__(self) -> int:
         return len(self._order)
@@ -1828,7 +1831,8 @@ class Dedup:
 
     def add(self, user: str, message_id: str, seq: int, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        self._expire(now)
+        if self._oldest <= now - self.window:
+            self._expire(now)
         entries = self._users.get(user)
         if entries is None:
             entries = self._users[user] = collections.OrderedDict()
@@ -1849,8 +1853,10 @@ class Dedup:
         while order:
             key, added = next(iter(order.items()))
             if added > horizon:
-                break
+                self._oldest = added
+                return
             self._forget(*key)
+        self._oldest = -math.inf  # nothing remembered: the next add looks again
 
     def _forget(self, user: str, message_id: str) -> None:
         entries = self._users[user]
@@ -1886,6 +1892,10 @@ class History:
         # (topic, seqNo) in arrival order across topics, for the age and byte bounds. Entries that
         # the per-topic bound dropped stay until they reach the front or a compaction removes them.
         self._order: collections.deque = collections.deque()
+        # The time of the oldest retained message as `expire` last found it; what was dropped since
+        # can only have made the oldest younger. While it is within max_age (and the bytes within
+        # theirs), an add has nothing to expire.
+        self._oldest = -math.inf
 
     def add(self, topic: str, seq: int, frame: bytes, now: float | None = None) -> None:
         if self.max_messages <= 0:
@@ -1896,13 +1906,14 @@ class History:
             entries = self._topics[topic] = collections.deque()
         entries.append((seq, now, frame))
         self._order.append((topic, seq))
-        self.bytes += self.cost(frame)
+        self.bytes += len(frame) + HISTORY_ENTRY_COST  # cost(frame)
         self.count += 1
         if len(entries) > self.max_messages:
             self._drop_oldest(topic)
             if len(self._order) > 2 * self.count + 1024:
                 self._compact()
-        self.expire(now)
+        if self._oldest <= now - self.max_age or self.bytes > self.max_bytes:
+            self.expire(now)
 
     def _compact(self) -> None:
         """Drop the order entries of messages already gone: keeps `_order` within 2x the count."""
@@ -1922,8 +1933,10 @@ class History:
                 order.popleft()  # already dropped by the per-topic bound
                 continue
             if entries[0][1] > horizon and self.bytes <= self.max_bytes:
-                break
+                self._oldest = entries[0][1]
+                return
             self._drop_oldest(topic)
+        self._oldest = -math.inf  # nothing retained: the next add looks again
 
     @staticmethod
     def cost(frame: bytes) -> int:
@@ -1939,11 +1952,14 @@ class History:
 
     def _drop_oldest(self, topic: str) -> None:
         entries = self._topics[topic]
-        _, _, frame = entries.popleft()
-        self.bytes -= self.cost(frame)
+        seq, _, frame = entries.popleft()
+        self.bytes -= len(frame) + HISTORY_ENTRY_COST  # cost(frame)
         self.count -= 1
         if not entries:
             del self._topics[topic]
+        order = self._order
+        if order[0][1] == seq and order[0][0] == topic:
+            order.popleft()  # it was the oldest of all topics too (one topic, or topics in turn)
 
     def oldest(self, topic: str) -> int | None:
         """The oldest retained seqNo of `topic`, None when nothing is retained."""
