@@ -3,8 +3,9 @@
 The test files follow microsocket.py's sections: test_codec (1-3), test_http (4-5), test_websocket
 (6), test_schema (7), test_stores (8-10), test_auth (11), test_broker (12), test_routes (14),
 test_documents (the page and the two API documents), test_server (15, the I/O layer), test_cli
-(16, a subprocess), test_browser (Chromium), and test_microsocket: the black-box protocol tests,
-which only ever get a URL (`live_url`) and talk to it over the network.
+(16, a subprocess), test_browser (Chromium), and test_microsocket: the black-box protocol tests, the conformance kit,
+which only ever get a URL (`kit_url`) and talk to it over the network: an in-process server's,
+or another implementation's (`--target URL` or MICROSOCKET_TARGET, below).
 
 One helper per job:
 
@@ -23,7 +24,7 @@ One helper per job:
     http_request(url, ...)     one HTTP request on a fresh socket (http or https)
     ServerHandle, server_factory  the in-process server: its own thread and event loop; the one
                                place a Server is built (parametrize server_factory to vary it)
-    live_url                   the URL of a running server, for the black-box tests
+    kit_url, KIT_SERVER        the URL the conformance kit talks to: --target's, or an in-process server's
     wait_until(predicate)      poll, for what has no event to wait on
     recv_json, request, setup  the websockets-client helpers; wsclient: the library or a skip
     cli(...), SCRIPT, child_env, free_port, read_banner  the server as a subprocess
@@ -32,8 +33,12 @@ Timeouts: every test is bounded by TEST_TIMEOUT (SIGALRM), every coroutine by ru
 every socket read by its socket timeout, so a hang fails instead of stalling the suite.
 
 Markers (registered below; nothing is deselected by default, CI runs them all): `slow` (over
-about a second), `browser` (Chromium), `redis` (a real redis-server: test_redis.py, test_resp.py). For a quick run:
-`python3 -m pytest -q -m "not slow and not browser"`.
+about a second), `browser` (Chromium), `redis` (a real redis-server: test_redis.py, test_resp.py),
+`conformance` (the kit: every test of test_microsocket.py), `time_limit(seconds)` (a longer limit
+than TEST_TIMEOUT). For a quick run: `python3 -m pytest -q -m "not slow and not browser"`.
+
+The conformance kit against another server: `python3 -m pytest -m conformance --target
+ws://HOST:PORT`, or MICROSOCKET_TARGET=ws://HOST:PORT in the environment (`--target` wins).
 """
 
 from __future__ import annotations
@@ -73,13 +78,39 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes over about a second (CI runs it; -m 'not slow' to skip)")
     config.addinivalue_line("markers", "browser: drives Chromium through playwright (skips when either is missing)")
     config.addinivalue_line("markers", "redis: needs redis-server for the Redis backbone (skips, saying so, when it is absent)")
+    config.addinivalue_line("markers", "conformance: the conformance kit (test_microsocket.py): black-box, SPEC clause by clause, "
+                                       "against --target URL (or $MICROSOCKET_TARGET) when given, else in-process servers")
+    config.addinivalue_line("markers", "time_limit(seconds): this test may run longer than TEST_TIMEOUT")
+    kit_target(config)  # a bad URL is a usage error before anything runs
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--target: where the conformance kit runs (see kit_url)."""
+    parser.addoption(
+        "--target", metavar="URL", default=os.environ.get("MICROSOCKET_TARGET") or None,
+        help="run the conformance kit (-m conformance) against the server at URL (ws://HOST:PORT or "
+             "http://HOST:PORT) instead of in-process servers (default: $MICROSOCKET_TARGET)",
+    )
+
+
+def kit_target(config: pytest.Config) -> str | None:
+    """The http:// base URL of --target (or MICROSOCKET_TARGET), or None when neither is given."""
+    url = config.getoption("target")
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "http": "http"}.get(parts.scheme)
+    if scheme is None or not parts.hostname or parts.path not in ("", "/", "/ws"):
+        raise pytest.UsageError(f"--target / MICROSOCKET_TARGET must be ws://HOST:PORT or http://HOST:PORT, not {url!r}")
+    return f"{scheme}://{parts.netloc}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run every broker-level test and every black-box protocol test once per backbone: the
-    in-memory one, and the deferred doubles that answer in later turns (the seam is real)."""
-    for fixture in ("broker_driver", "live_url"):
-        if fixture in metafunc.fixturenames:
+    in-memory one, and the deferred doubles that answer in later turns (the seam is real). Against
+    a --target the kit runs once."""
+    for fixture in ("broker_driver", "kit_url"):
+        if fixture in metafunc.fixturenames and not (fixture == "kit_url" and kit_target(metafunc.config)):
             metafunc.parametrize(fixture, BACKBONES, indirect=True)
 
 
@@ -87,14 +118,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _test_timeout():
-    """Fail a test that runs longer than TEST_TIMEOUT instead of hanging the suite."""
+def _test_timeout(request):
+    """Fail a test that runs longer than TEST_TIMEOUT (or its time_limit) instead of hanging the suite."""
+    marker = request.node.get_closest_marker("time_limit")
+    seconds = int(marker.args[0]) if marker else TEST_TIMEOUT
 
     def expire(signum, frame):
-        raise TimeoutError(f"test took longer than {TEST_TIMEOUT} s")
+        raise TimeoutError(f"test took longer than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_TIMEOUT)
+    signal.alarm(seconds)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
@@ -433,10 +466,10 @@ def parse_response(data: bytes) -> HTTPResponse:
     return HTTPResponse(int(lines[0].split()[1]), headers, body)
 
 
-def upgrade_request(path: str = "/ws", *headers: str) -> bytes:
+def upgrade_request(path: str = "/ws", *headers: str, host: str = "x") -> bytes:
     """The bytes of a WebSocket opening handshake with a fresh key; `headers` are extra lines."""
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", "Host: x", "Upgrade: websocket", "Connection: Upgrade",
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -492,9 +525,9 @@ class RawClient:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return HTTPResponse(head.status, head.headers, body)
 
-    def handshake(self, path: str = "/ws", *headers: str, expect: int | None = 101) -> HTTPResponse:
+    def handshake(self, path: str = "/ws", *headers: str, expect: int | None = 101, host: str = "x") -> HTTPResponse:
         """The opening handshake (extra header lines allowed); checks the status (unless expect is None) and the accept key."""
-        raw = upgrade_request(path, *headers)
+        raw = upgrade_request(path, *headers, host=host)
         response = self.http(raw)
         if expect is not None:
             assert response.status == expect, response
@@ -698,12 +731,18 @@ def server_factory():
         handle.close()
 
 
+# The in-process server the kit runs against without --target: the default limits, which the kit
+# reads from /asyncapi.json like any other, with the timers shortened so that the tests of the
+# setup timeout and the keepalive wait seconds, not half a minute.
+KIT_SERVER = {"setup_timeout": 2, "ping_interval": 2, "ping_timeout": 2}
+
+
 @pytest.fixture
-def live_url(server_factory, request):
-    """live_url(**config) -> the http:// base URL of a running server: all the black-box tests
-    get. Each black-box test runs once per backbone in BACKBONES (see pytest_generate_tests)."""
-    kind = getattr(request, "param", "memory")
-    return lambda **config: server_factory(backbone=kind, **config).url()
+def kit_url(server_factory, request) -> str:
+    """The http:// base URL the conformance kit talks to, all it gets: --target's (or
+    MICROSOCKET_TARGET's), one server for the whole run; else a fresh in-process server per test
+    (KIT_SERVER), once per backbone in BACKBONES (see pytest_generate_tests)."""
+    return kit_target(request.config) or server_factory(backbone=getattr(request, "param", "memory"), **KIT_SERVER).url()
 
 
 def ws_url(base: str, path: str = "/ws") -> str:

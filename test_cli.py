@@ -1,7 +1,8 @@
 """Section 16 of microsocket.py: the command line, run as a subprocess.
 
 The CLI's checks and messages, its banner, the environment variables, signals, and the open-file
-limit that caps --max-connections, and --loop.
+limit that caps --max-connections, and --loop. Last, the conformance kit (test_microsocket.py) run
+against `python3 microsocket.py` by its URL, as against any other implementation.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
 import microsocket as ms
-from conftest import SCRIPT, RawClient, child_env, cli, free_port, read_banner, run, setup
+from conftest import HERE, SCRIPT, RawClient, child_env, cli, free_port, read_banner, run, setup
 
 
 @pytest.mark.slow  # a Python subprocess each
@@ -221,3 +224,56 @@ def test_server_serves_pubsub_on_each_event_loop(loop, wsclient):
         assert proc.wait(timeout=10) == 0
     named = any("event loop: uvloop" in line for line in proc.stderr_lines)
     assert named == (loop == "uvloop")
+
+
+# -- the conformance kit against this server, by URL
+
+# Limits far from the defaults, so that the run shows the kit reading them (GET /asyncapi.json)
+# rather than assuming them, each small enough for its test to reach it; short timers; compression on.
+KIT_ARGS = (
+    "--max-subscriptions", "20", "--history-messages", "64", "--publish-rate", "200", "--publish-burst", "300",
+    "--max-message-size", "65536", "--max-head-size", "4096", "--max-body-size", "4096", "--max-buffer", "262144",
+    "--max-connections", "300", "--max-presence", "3", "--max-topic-length", "64", "--max-message-id-length", "32",
+    "--setup-timeout", "2", "--ping-interval", "2", "--ping-timeout", "2", "--permessage-deflate",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.time_limit(240)
+def test_conformance_kit_against_microsocket_by_url(tmp_path):
+    """`python3 microsocket.py` (limits set far from the defaults) passes the whole conformance kit run at its URL: 0 failed, 0 skipped."""
+    report = tmp_path / "kit.xml"
+    with cli("--port", "0", "--log-level", "WARNING", *KIT_ARGS) as (proc, lines):
+        url = re.search(r"ws://\S+/ws", read_banner(lines)).group()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "conformance", "-rfEs", f"--junitxml={report}",
+             os.path.join(HERE, "test_microsocket.py")],
+            cwd=HERE, env=child_env(MICROSOCKET_TARGET=url), capture_output=True, text=True, timeout=220,
+        )
+        assert proc.poll() is None, "the server died during the run"
+    root = ET.parse(report).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    assert done.returncode == 0 and counts["tests"] > 100, done.stdout[-3000:]
+    assert (counts["failures"], counts["errors"], counts["skipped"]) == (0, 0, 0), done.stdout[-3000:]
+
+
+# The clauses a kit test may name: SPEC.md's numbered sections and their headings (version 1.1).
+SPEC_CLAUSES = (
+    "§1 Endpoints", "§2 Messages", "§2 Client → server", "§2 Server → client", "§2 Error codes", "§2 Close codes",
+    "§3 Auth", "§3 ACL", "§3 Dedup", "§3 Ordering", "§3 Epochs", "§3 History", "§3 Sessions", "§3 Slow consumers",
+    "§3 Latency", "§3 Signing", "§3 Compression", "§3 Keepalive", "§3 Limits", "§3 Shutdown", "§3 Scale-out",
+    "§4 Configuration names",
+)
+
+
+def test_every_conformance_test_names_its_spec_clause():
+    """Every test of the conformance kit opens its docstring with the SPEC clause it checks ("SPEC §3 Dedup ..."), and only kit tests are in its file."""
+    import test_microsocket as kit
+
+    tests = {name: fn for name, fn in vars(kit).items() if name.startswith("test_") and callable(fn)}
+    assert len(tests) > 40
+    clause = re.compile("SPEC (" + "|".join(map(re.escape, SPEC_CLAUSES)) + r")\b")
+    for name, fn in tests.items():
+        assert clause.match(fn.__doc__ or ""), f"{name}: {(fn.__doc__ or '')[:60]!r}"
+    assert kit.pytestmark.name == "conformance"  # the whole file is the kit
