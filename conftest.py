@@ -236,7 +236,7 @@ class DeferredBackbone:
         else:
             self.broker.deliver(*delivery)
 
-    def take_over(self, holder: ms.Client) -> None:
+    def take_over(self, holder: ms.Peer) -> None:
         self.broker.take_over(holder)
 
     def __getattr__(self, name: str) -> Any:
@@ -290,12 +290,12 @@ class BrokerDriver:
         self.broker = ms.Broker(config, self.backbone, clock=self.clock)
         self._ready: dict[int, dict] = {}
         self._subscribed: dict[int, dict[str, dict]] = {}
-        self._clients: list[ms.Client] = []  # kept alive, so that id() stays unique
+        self._clients: list[ms.Peer] = []  # kept alive, so that id() stays unique
         self._ids = itertools.count(1)
 
-    def connect(self, token: str | None = "alice", topics: list | None = None, bound_topic: str | None = None) -> ms.Client:
+    def connect(self, token: str | None = "alice", topics: list | None = None, bound_topic: str | None = None) -> ms.Peer:
         """A new connection (a sub-socket when `bound_topic`), set up as `token` unless None; its outbox emptied."""
-        client = ms.Client(self.broker, bound_topic=bound_topic)
+        client = ms.Peer(self.broker, bound_topic=bound_topic)
         self.broker.connect(client)
         self._clients.append(client)
         if token is not None:
@@ -309,11 +309,11 @@ class BrokerDriver:
             self._subscribed[id(client)] = {r["topic"]: r for r in replies[1:]}
         return client
 
-    def ready(self, client: ms.Client) -> dict:
+    def ready(self, client: ms.Peer) -> dict:
         """The `ready` that client got from the setup done by connect()."""
         return self._ready[id(client)]
 
-    def subscribed(self, client: ms.Client, topic: str) -> dict:
+    def subscribed(self, client: ms.Peer, topic: str) -> dict:
         """The `subscribed` that client got for `topic` from the setup done by connect() (its seqNo and epoch)."""
         return self._subscribed[id(client)][topic]
 
@@ -324,7 +324,7 @@ class BrokerDriver:
             for work in late:
                 work()
 
-    def take(self, client: ms.Client) -> list[dict]:
+    def take(self, client: ms.Peer) -> list[dict]:
         """Settle, then empty a client's outbox as the I/O layer's flush does; its messages decoded."""
         self.settle()
         data = client.take_output() if client.out else b""
@@ -335,23 +335,23 @@ class BrokerDriver:
             out.append(json.loads(frame.payload))
         return out
 
-    def send(self, client: ms.Client, msg: dict | str) -> list[dict]:
+    def send(self, client: ms.Peer, msg: dict | str) -> list[dict]:
         """Feed one message (a dict, or raw text) from `client` and return everything it then received."""
         self.broker.handle(client, msg if isinstance(msg, str) else json.dumps(msg))
         return self.take(client)
 
-    def one(self, client: ms.Client, msg: dict | str) -> dict:
+    def one(self, client: ms.Peer, msg: dict | str) -> dict:
         """Feed one message and return its single reply."""
         out = self.send(client, msg)
         assert len(out) == 1, out
         return out[0]
 
-    def binary(self, client: ms.Client) -> list[dict]:
+    def binary(self, client: ms.Peer) -> list[dict]:
         """A binary message from `client` (the I/O layer reports it without its bytes); what it received."""
         self.broker.handle_binary(client)
         return self.take(client)
 
-    def publish(self, client: ms.Client, topic: str, message_id: str, payload: Any = ..., **extra: Any) -> list[dict]:
+    def publish(self, client: ms.Peer, topic: str, message_id: str, payload: Any = ..., **extra: Any) -> list[dict]:
         """A `publish` from `client` (no payload field when `payload` is left out); what it received."""
         msg = {"type": "publish", "topic": topic, "messageId": message_id, **extra}
         if payload is not ...:
@@ -371,20 +371,20 @@ class BrokerDriver:
             seqs.append(result.seq_no)
         return seqs
 
-    def ack(self, client: ms.Client, topic: str, seq_no: int) -> None:
+    def ack(self, client: ms.Peer, topic: str, seq_no: int) -> None:
         """A client `ack`, which has no reply."""
         assert self.send(client, {"type": "ack", "topic": topic, "seqNo": seq_no}) == []
 
-    def disconnect(self, client: ms.Client, reliable: bool = True) -> None:
+    def disconnect(self, client: ms.Peer, reliable: bool = True) -> None:
         """The connection goes away (what the I/O layer does); `reliable` False: its unsent data was abandoned."""
         self.take(client)
         self.broker.disconnect(client, reliable)
 
-    def connected(self, client: ms.Client) -> bool:
+    def connected(self, client: ms.Peer) -> bool:
         """False once the broker has let go of the client (closed, or its session taken over)."""
         return client.broker is not None
 
-    def close_requested(self, client: ms.Client) -> int | None:
+    def close_requested(self, client: ms.Peer) -> int | None:
         """The close code the broker asked the I/O layer to send to `client` (4002 on a take-over), or None."""
         return client.close_request
 

@@ -91,7 +91,7 @@ __all__ = [
     "Config",
     "Server",
     "Broker",
-    "Client",
+    "Peer",
     "PublishResult",
     "Backbone",
     "MemoryBackbone",
@@ -1790,7 +1790,7 @@ class TopicStore:
         self.subscribers: dict[str, set] = {}
         self.count = 0
 
-    def subscribe(self, client: Client, topic: str) -> bool:
+    def subscribe(self, client: Peer, topic: str) -> bool:
         """Add; False if it was already there."""
         if topic in client.topics:
             return False
@@ -1802,7 +1802,7 @@ class TopicStore:
         self.count += 1
         return True
 
-    def unsubscribe(self, client: Client, topic: str) -> bool:
+    def unsubscribe(self, client: Peer, topic: str) -> bool:
         """Remove; False if it was not there."""
         if topic not in client.topics:
             return False
@@ -1814,7 +1814,7 @@ class TopicStore:
         self.count -= 1
         return True
 
-    def remove_client(self, client: Client) -> list[str]:
+    def remove_client(self, client: Peer) -> list[str]:
         """Drop all of a client's subscriptions; return the topics left without subscribers."""
         emptied = []
         for topic in list(client.topics):
@@ -3259,7 +3259,7 @@ class Slot:
         self.frames: list[bytes] | None = None
 
 
-class Client:
+class Peer:
     """One connection as the broker sees it. The I/O layer subclasses it.
 
     Outgoing frames go to `out` (written at the end of the event-loop turn), or, while a reply
@@ -3370,7 +3370,7 @@ class Client:
         return sum(map(len, self.out)) + self.held_bytes
 
 
-def _topic_locked(client: Client, **context: Any) -> ClientError:
+def _topic_locked(client: Peer, **context: Any) -> ClientError:
     return ClientError("TOPIC_LOCKED", f"this sub-socket is bound to {client.bound_topic!r}", **context)
 
 
@@ -3410,9 +3410,9 @@ class Broker:
         self.users: collections.Counter = collections.Counter()  # userId -> set-up connections here
         # (deadline on this clock, n, client): tokens that expire, soonest first; a refresh pushes a
         # new entry and the old one is skipped when it comes up (no timer object per connection).
-        self.expiries: list[tuple[float, int, Client]] = []
+        self.expiries: list[tuple[float, int, Peer]] = []
         self._expiry_order = itertools.count()
-        self.dirty: list[Client] = []
+        self.dirty: list[Peer] = []
         self.connections = 0
         self.published = 0
         self.delivered = 0
@@ -3427,7 +3427,7 @@ class Broker:
         self.deflater = Deflater()
         self._unflushed: list[tuple[float, int]] = []  # (publish time, deliveries) since the last flush
         self._slot: Slot | None = None  # the slot the request being handled reserved, if any
-        self._handlers: dict[str, Callable[[Client, dict], None]] = {
+        self._handlers: dict[str, Callable[[Peer, dict], None]] = {
             "setup": self._setup,
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -3443,10 +3443,10 @@ class Broker:
 
     # -- connections, called by the I/O layer
 
-    def connect(self, client: Client) -> None:
+    def connect(self, client: Peer) -> None:
         self.connections += 1
 
-    def disconnect(self, client: Client, reliable: bool = True) -> None:
+    def disconnect(self, client: Peer, reliable: bool = True) -> None:
         """Forget a connection, O(its topics); its session stays resumable for the TTL.
 
         `reliable` False means the connection's unsent data was abandoned (slow consumer, no
@@ -3488,17 +3488,17 @@ class Broker:
         client cannot create thousands of /metrics labels."""
         self.disconnects[code if code in _DEFINED_CLOSE_CODES else "other"] += 1
 
-    def mark_dirty(self, client: Client) -> None:
+    def mark_dirty(self, client: Peer) -> None:
         if not self.dirty:
             self.wake()
         self.dirty.append(client)
 
-    def take_dirty(self) -> list[Client]:
+    def take_dirty(self) -> list[Peer]:
         """The clients with something to write since the last call."""
         dirty, self.dirty = self.dirty, []
         return dirty
 
-    def request_close(self, client: Client, code: int) -> None:
+    def request_close(self, client: Peer, code: int) -> None:
         """Ask the I/O layer to close `client` with `code` at the next flush."""
         client.close_request = code
         self.mark_dirty(client)
@@ -3521,7 +3521,7 @@ class Broker:
                 self.request_close(client, CloseCode.TOKEN_EXPIRED)
         self.backbone.sweep(now)
 
-    def _set_expiry(self, client: Client, exp: float | None) -> None:
+    def _set_expiry(self, client: Peer, exp: float | None) -> None:
         """The token's `exp` (Unix time) as a deadline on this broker's clock, leeway included."""
         if exp is None:
             client.expires = None
@@ -3536,7 +3536,7 @@ class Broker:
         """Drop the entries of refreshed and closed connections once they are half the heap, so
         it holds about one entry per live connection however often tokens are refreshed."""
         if len(self.expiries) > 2 * self.connections + 64:
-            kept: dict[int, tuple[float, int, Client]] = {}
+            kept: dict[int, tuple[float, int, Peer]] = {}
             for entry in self.expiries:
                 client = entry[2]
                 if client.expires == entry[0] and client.broker is self:
@@ -3552,7 +3552,7 @@ class Broker:
             self.auth.refused(where, exc.message)
             raise
 
-    def _may_read(self, client: Client, topic: str, **context: Any) -> None:
+    def _may_read(self, client: Peer, topic: str, **context: Any) -> None:
         if client.grants is not None and not client.grants.can_read(topic):
             raise _acl_denied("read", topic, **context)
 
@@ -3599,7 +3599,7 @@ class Broker:
             feed.ready = False
             self.backbone.history(topic, feed.seq + 1, seq, lambda result: self._gap_read(topic, feed, seq, result))
 
-    def take_over(self, holder: Client) -> None:
+    def take_over(self, holder: Peer) -> None:
         """The session `holder` held was resumed elsewhere: detach it now, close it with 4002."""
         if holder.broker is self:
             self.disconnect(holder)
@@ -3713,13 +3713,13 @@ class Broker:
             del self.feeds[topic]
             self.backbone.leave(topic)
 
-    def _join_topic(self, client: Client, topic: str) -> Feed:
+    def _join_topic(self, client: Peer, topic: str) -> Feed:
         """Subscribe `client` to `topic` here and now: it receives every later delivery."""
         if self.topics.subscribe(client, topic):
             self.backbone.presence_add(topic, client.user_id)
         return self._feed(topic)
 
-    def _leave_topic(self, client: Client, topic: str) -> None:
+    def _leave_topic(self, client: Peer, topic: str) -> None:
         if self.topics.unsubscribe(client, topic):
             self.backbone.presence_remove(topic, client.user_id)
             if topic not in self.topics.subscribers:
@@ -3727,7 +3727,7 @@ class Broker:
 
     # -- messages from clients
 
-    def handle(self, client: Client, text: str) -> None:
+    def handle(self, client: Peer, text: str) -> None:
         """Process one text message from `client`; replies go to its outgoing stream."""
         msg_id = None
         self._slot = None
@@ -3750,12 +3750,12 @@ class Broker:
             log.exception("unexpected failure handling a message")
             self._error(client, ClientError("INTERNAL_ERROR", "the server failed to handle this message"), msg_id)
 
-    def _dispatch(self, client: Client, msg: dict) -> None:
+    def _dispatch(self, client: Peer, msg: dict) -> None:
         if client.user_id is None and msg["type"] not in ("setup", "ping"):
             raise ClientError("AUTH_REQUIRED", "send 'setup' with a token first")
         self._handlers[msg["type"]](client, msg)
 
-    def _must_wait(self, client: Client, kind: str) -> bool:
+    def _must_wait(self, client: Peer, kind: str) -> bool:
         """A resume waits for the answers before it; a request that can answer with far more than
         it asked waits while the connection's unread output is over the buffer limit."""
         if kind not in AMPLIFYING:
@@ -3763,13 +3763,13 @@ class Broker:
         # One at a time: the size of an answer not given yet is not known, so it waits for it first.
         return client.pending() or client.backlog() > self.config.max_buffer
 
-    def _wait(self, client: Client, msg: dict) -> None:
+    def _wait(self, client: Peer, msg: dict) -> None:
         if client.inbox is None:
             client.inbox = collections.deque()
             client.pause_input(True)
         client.inbox.append(msg)
 
-    def run_inbox(self, client: Client) -> None:
+    def run_inbox(self, client: Peer) -> None:
         """Handle the requests that waited, until one has to wait again."""
         inbox = client.inbox
         while inbox and client.broker is self:
@@ -3791,10 +3791,10 @@ class Broker:
             client.inbox = None
             client.pause_input(False)
 
-    def handle_binary(self, client: Client) -> None:
+    def handle_binary(self, client: Peer) -> None:
         self._error(client, ClientError("INVALID_JSON", "binary frames are not accepted: send JSON in a text frame"))
 
-    def _error(self, client: Client, exc: ClientError, msg_id: Any = None) -> None:
+    def _error(self, client: Peer, exc: ClientError, msg_id: Any = None) -> None:
         self.errors[exc.code] += 1
         frame = _error_frame(exc, msg_id)
         slot, self._slot = self._slot, None
@@ -3803,10 +3803,10 @@ class Broker:
         else:
             client.send(frame)
 
-    def _reply(self, client: Client, request: dict, reply: dict) -> None:
+    def _reply(self, client: Peer, request: dict, reply: dict) -> None:
         client.send(self._frame(request, reply))
 
-    def _reserve(self, client: Client) -> Slot:
+    def _reserve(self, client: Peer) -> Slot:
         """Reserve the place of this request's reply (and remember it, for a failure after this)."""
         slot = self._slot = Slot()
         if client.held is None:
@@ -3815,7 +3815,7 @@ class Broker:
             client.held.append(slot)
         return slot
 
-    def _answer(self, client: Client, slot: Slot, request: dict, make: Callable[[Any], list[bytes]]) -> Callable[[Any], None]:
+    def _answer(self, client: Peer, slot: Slot, request: dict, make: Callable[[Any], list[bytes]]) -> Callable[[Any], None]:
         """A completion that fills `slot` with make(result), or with the error the result is or
         that make raised. Nothing a completion does can leave the slot empty."""
 
@@ -3833,7 +3833,7 @@ class Broker:
 
         return done
 
-    def _fail(self, client: Client, slot: Slot, request: dict, exc: Exception) -> None:
+    def _fail(self, client: Peer, slot: Slot, request: dict, exc: Exception) -> None:
         """Fill `slot` with the error reply for `exc` (INTERNAL_ERROR for anything unexpected)."""
         if not isinstance(exc, ClientError):
             log.error("unexpected failure completing a request", exc_info=exc)
@@ -3849,7 +3849,7 @@ class Broker:
             reply["id"] = msg_id
         return text_frame(encode(reply))
 
-    def _setup(self, client: Client, msg: dict) -> None:
+    def _setup(self, client: Peer, msg: dict) -> None:
         if client.user_id is not None:
             raise ClientError("ALREADY_SETUP", "this connection is already set up")
         claims = self._identify(msg.get("token"), "setup")
@@ -3900,20 +3900,20 @@ class Broker:
     def _too_many_subscriptions(self, **context: Any) -> ClientError:
         return ClientError("TOO_MANY_SUBSCRIPTIONS", f"at most {self.config.max_subscriptions} topics per connection", **context)
 
-    def _topic_of(self, client: Client, msg: dict, locked: bool) -> str:
+    def _topic_of(self, client: Peer, msg: dict, locked: bool) -> str:
         topic = check_topic(msg.get("topic") if "topic" in msg else None, self.config.max_topic_length)
         if locked and client.bound_topic is not None and topic != client.bound_topic:
             raise _topic_locked(client, topic=topic)
         return topic
 
-    def _subscribe(self, client: Client, msg: dict) -> None:
+    def _subscribe(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
         self._may_read(client, topic)
         if topic not in client.topics and len(client.topics) >= self.config.max_subscriptions:
             raise self._too_many_subscriptions(topic=topic)
         self._subscribe_to(client, topic, msg)
 
-    def _subscribe_to(self, client: Client, topic: str, msg: dict) -> None:
+    def _subscribe_to(self, client: Peer, topic: str, msg: dict) -> None:
         """Join live now; answer `subscribed` with the position once the feed knows it: at once
         when this process receives the topic already (or the backbone answered the join at once),
         else in a reserved place once the backbone has answered."""
@@ -3924,14 +3924,14 @@ class Broker:
         slot = self._reserve(client)
         self._when_ready(feed, self._answer(client, slot, msg, lambda feed: [self._subscribed(client, topic, msg, feed)]))
 
-    def _subscribed(self, client: Client, topic: str, msg: dict, feed: Feed) -> bytes:
+    def _subscribed(self, client: Peer, topic: str, msg: dict, feed: Feed) -> bytes:
         session = client.session
         if topic in client.topics and topic not in session.positions:  # where this subscription starts
             position = session.positions[topic] = Position(feed.seq, feed.epoch)
             self.backbone.track(session.id, topic, position)
         return self._frame(msg, {"type": "subscribed", "topic": topic, "seqNo": feed.seq, "epoch": feed.epoch})
 
-    def _unsubscribe(self, client: Client, msg: dict) -> None:
+    def _unsubscribe(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=True)
         if topic in client.topics:
             self._leave_topic(client, topic)
@@ -3939,7 +3939,7 @@ class Broker:
                 self.backbone.track(client.session.id, topic, None)
         self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
 
-    def _publish(self, client: Client, msg: dict) -> None:
+    def _publish(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         message_id = self.check_message_id(msg.get("messageId"), topic)
         if client.grants is not None and not client.grants.can_write(topic):
@@ -4041,7 +4041,7 @@ class Broker:
             )
         return message_id
 
-    def _replay(self, client: Client, msg: dict) -> None:
+    def _replay(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         self._may_read(client, topic)
         from_seq = require(msg, "fromSeq", int, "an integer >= 1")
@@ -4078,13 +4078,13 @@ class Broker:
         else:
             read(None)
 
-    def _resent(self, client: Client, frames: list[bytes]) -> list[bytes]:
+    def _resent(self, client: Peer, frames: list[bytes]) -> list[bytes]:
         """Frames sent again (replay, resume); their bytes are not counted as slowness."""
         client.replay_credit += sum(map(len, frames))
         self.replayed += len(frames)
         return list(frames)
 
-    def _resume(self, client: Client, msg: dict) -> None:
+    def _resume(self, client: Peer, msg: dict) -> None:
         session_id = require(msg, "sessionId", str, "a string")
         given = msg.get("lastSeqPerTopic")
         if given is None:
@@ -4208,7 +4208,7 @@ class Broker:
         frames.append(self._frame(resume.msg, reply))
         resume.client.fill(resume.slot, frames)
 
-    def _ack(self, client: Client, msg: dict) -> None:
+    def _ack(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         seq_no = None
         if "seqNo" in msg or "messageId" not in msg:
@@ -4225,7 +4225,7 @@ class Broker:
         if published_at is not None:
             self.ack_latency.observe(self.clock() - published_at)
 
-    def _refresh(self, client: Client, msg: dict) -> None:
+    def _refresh(self, client: Peer, msg: dict) -> None:
         claims = self._identify(msg.get("token"), "refresh")
         if claims.sub != client.user_id:
             self.auth.refused("refresh", "the new token names another user")
@@ -4241,7 +4241,7 @@ class Broker:
                     self.backbone.track(client.session.id, topic, None)
                 self._error(client, _acl_denied("read", topic, message="the refreshed token may not read it: the subscription ended"))
 
-    def _presence(self, client: Client, msg: dict) -> None:
+    def _presence(self, client: Peer, msg: dict) -> None:
         topic = self._topic_of(client, msg, locked=False)
         self._may_read(client, topic)
         slot = self._reserve(client)
@@ -4252,7 +4252,7 @@ class Broker:
 
         self.backbone.presence(topic, self._answer(client, slot, msg, presence))
 
-    def _ping(self, client: Client, msg: dict) -> None:
+    def _ping(self, client: Peer, msg: dict) -> None:
         self._reply(client, msg, {"type": "pong"})
 
     # -- figures
@@ -4349,7 +4349,7 @@ class _Resume:
         "topic_epochs", "denied",
     )
 
-    def __init__(self, client: Client, slot: Slot, msg: dict, session_id: str, given: dict, epochs: dict) -> None:
+    def __init__(self, client: Peer, slot: Slot, msg: dict, session_id: str, given: dict, epochs: dict) -> None:
         self.client = client
         self.slot = slot
         self.msg = msg
@@ -6901,14 +6901,14 @@ TICK = 1.0  # seconds between timer sweeps: the resolution of every timeout abov
 _CLOSE_REASONS = {CloseCode.SESSION_TAKEN_OVER: "session taken over by another connection", CloseCode.TOKEN_EXPIRED: "token expired"}
 
 
-class ServerConnection(Client, asyncio.Protocol):
+class ServerConnection(Peer, asyncio.Protocol):
     __slots__ = (
         "server", "transport", "reader", "ws", "closing_since", "lost", "deadline", "active", "idle_since", "ping_sent",
         "answering", "backlogged", "input_held", "deferred", "stream", "stream_bytes", "deflate",
     )
 
     def __init__(self, server: Server) -> None:
-        Client.__init__(self, server.broker)
+        Peer.__init__(self, server.broker)
         self.server = server
         self.transport: Any = None
         self.reader: RequestReader | None = RequestReader(server.config.max_head_size, server.config.max_body_size)
@@ -7087,7 +7087,7 @@ class ServerConnection(Client, asyncio.Protocol):
             self.transport.resume_reading()
 
     def backlog(self) -> int:
-        return Client.backlog(self) + self.stream_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+        return Peer.backlog(self) + self.stream_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
 
     def pause_input(self, paused: bool) -> None:
         """The broker holds this connection's requests (a resume runs, or its output is unread): stop reading meanwhile."""
@@ -7221,7 +7221,7 @@ class ServerConnection(Client, asyncio.Protocol):
             return 0
         held = self.transport.get_write_buffer_size()
         if self.ws is not None:
-            return held + self.ws.buffered() + self.stream_bytes + Client.backlog(self)
+            return held + self.ws.buffered() + self.stream_bytes + Peer.backlog(self)
         if self.reader is not None:
             return held + len(self.reader.buffer)
         return held

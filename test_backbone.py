@@ -161,7 +161,7 @@ def test_deferred_backbone_holds_replies_until_it_answers(split):
 
     backbone = DeferredBackbone(ms.MemoryBackbone(config), late.append, split)
     broker = ms.Broker(config, backbone)
-    a = ms.Client(broker)
+    a = ms.Peer(broker)
     broker.connect(a)
     broker.handle(a, json.dumps({"type": "setup", "token": "alice", "topics": ["t"], "id": 1}))
     broker.handle(a, json.dumps({"type": "publish", "topic": "t", "messageId": "m", "id": 2}))
@@ -366,7 +366,7 @@ def test_timers_follow_the_injected_clock(server_factory):
         assert c.recv_close() == ms.CloseCode.SETUP_TIMEOUT
 
 
-class _Recording(ms.Client):
+class _Recording(ms.Peer):
     """A client that records when the broker pauses and restarts its input."""
 
     __slots__ = ("paused",)
@@ -375,7 +375,7 @@ class _Recording(ms.Client):
         self.paused.append(on)
 
 
-def recording_client(d) -> tuple[ms.Client, list[bool]]:
+def recording_client(d) -> tuple[ms.Peer, list[bool]]:
     """A connected client set up as alice, and the list its pause_input calls go to."""
     client = _Recording(d.broker)
     client.paused = []

@@ -17,12 +17,12 @@ import microsocket as ms
 from conftest import assert_error, parse_frames, seqs_of
 
 
-def assert_usable(d, client: ms.Client) -> None:
+def assert_usable(d, client: ms.Peer) -> None:
     """The client still gets answers after an error."""
     assert d.one(client, {"type": "ping", "id": "still-there"}) == {"type": "pong", "id": "still-there"}
 
 
-def users_on(d, client: ms.Client, topic: str) -> list[str]:
+def users_on(d, client: ms.Peer, topic: str) -> list[str]:
     """The users subscribed to `topic`, as a `presence` from `client` reports them."""
     return d.one(client, {"type": "presence", "topic": topic})["users"]
 

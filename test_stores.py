@@ -46,7 +46,7 @@ class _CountingDict(dict):
 
 def _store_and_clients(n: int):
     broker = BrokerDriver().broker  # a Client needs a broker (with its backbone); the store itself never asks it anything
-    return ms.TopicStore(), [ms.Client(broker) for _ in range(n)]
+    return ms.TopicStore(), [ms.Peer(broker) for _ in range(n)]
 
 
 def test_topic_store_subscribe_idempotent():

@@ -1166,7 +1166,7 @@ def test_closed_connections_with_long_tokens_leave_nothing_behind():
 
     def churn():
         for _ in range(2_000):
-            client = ms.Client(d.broker)
+            client = ms.Peer(d.broker)
             d.broker.connect(client)
             d.broker.handle(client, setup)
             client.out.clear()
@@ -1349,7 +1349,7 @@ def test_replay_and_resume_send_the_same_signature(broker_driver, jcs):
         assert m["sig"] == expected_sig(jcs, K1, "t", m["seqNo"], m["messageId"], m["data"])
 
 
-def raw_texts(d: BrokerDriver, client: ms.Client) -> list[str]:
+def raw_texts(d: BrokerDriver, client: ms.Peer) -> list[str]:
     """The text frames the client received, as the exact text on the wire."""
     d.settle()
     data = client.take_output() if client.out else b""

@@ -144,7 +144,7 @@ class BrokerRig:
 
     def connect(self, token: str, bound_topic: str | None) -> tuple[Any, Any]:
         ms = self.ms
-        client = ms.Client(self.broker, bound_topic=bound_topic)
+        client = ms.Peer(self.broker, bound_topic=bound_topic)
         self.broker.connect(client)
         conn = ms.WebSocketConnection(self.config.max_message_size)
         self.feed((client, conn), client_frame(ms, json.dumps({"type": "setup", "token": token}), self.rng))
