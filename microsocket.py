@@ -39,14 +39,25 @@ Embedding it in an asyncio program::
     await server.publish("prices", {"btc": 1})   # -> PublishResult(status, message_id, seq_no, subscribers)
     await server.close()                    # closes every connection with 1001
 
+A Python client (reconnect, resume, gap fill, epochs, refresh, signatures built in)::
+
+    async with microsocket.connect("ws://127.0.0.1:3000/ws", token="alice") as client:
+        await client.subscribe("prices")
+        ack = await client.publish("prices", {"btc": 1})        # Ack(message_id, status, seq_no)
+        async for item in client:                                # Message, or Missed
+            print(item)
+
+From a shell: `python3 microsocket.py sub TOPIC...` prints each message as a JSON line;
+`python3 microsocket.py pub TOPIC [DATA]` publishes DATA or each line of stdin.
+
 Contents (each section uses only those above it; grep for "# === N."):
 
      0. Header              6. WebSocket connection          12. Broker
      1. Constants, limits   7. Pub/sub message schema        13. Backbones
      2. Errors              8. Topic store                   14. HTTP routes
      3. Frame codec         9. Dedup                         15. Server I/O (asyncio)
-     4. HTTP/1.1           10. History and sessions          16. Command line
-     5. WebSocket handshake 11. Auth, ACL, signing
+     4. HTTP/1.1           10. History and sessions          16. Client (asyncio)
+     5. WebSocket handshake 11. Auth, ACL, signing            17. Command line
 """
 
 from __future__ import annotations
@@ -80,7 +91,7 @@ import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 try:
     import resource  # the open-file limit (Unix)
@@ -103,6 +114,17 @@ __all__ = [
     "PayloadTooBig",
     "HTTPError",
     "ClientError",
+    "connect",
+    "Client",
+    "Message",
+    "Missed",
+    "Ack",
+    "Subscribed",
+    "Presence",
+    "MicrosocketError",
+    "ConnectionClosed",
+    "HandshakeError",
+    "SignatureError",
     "main",
 ]
 __version__ = "0.1.0"
@@ -7447,7 +7469,1072 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-# === 16. Command line =============================================================================
+# === 16. Client (asyncio) =========================================================================
+#
+# A subscriber's and publisher's side of the protocol, for Python services: `connect(url, token)`
+# gives a `Client` that keeps one *session* alive over as many TCP connections as it takes.
+#
+# Theory of operation. Three layers, as on the server side:
+#
+# - `handshake_request` / `check_response`: the opening handshake, sans-I/O (RFC 6455 §4.1).
+# - `_Connection`, an asyncio.Protocol: one TCP connection. It checks the 101, then reads frames
+#   with section 3's codec (server frames are unmasked, §5.1; fragments reassembled, text checked
+#   as UTF-8 fragment by fragment, the message size bounded before a payload is buffered), answers
+#   pings, echoes a close, and writes every frame masked with a fresh random key (§5.3). A
+#   Protocol rather than streams for the reason the server has one, and one more: a reply is
+#   acted on inside `data_received`, before the next frame of the same read is looked at. The
+#   message after `subscribed {seqNo: N}` may be in the same TCP segment; with a reader task and
+#   awaiting callers it would be examined before subscribe()'s coroutine had set the position.
+#   Backpressure: while the caller has not taken `max_queue` items, the socket is not read and
+#   what was read already is not parsed, so the queue holds at most that many; except while a
+#   caller awaits a reply (`async for m in client: await client.publish(...)` must not deadlock).
+# - `Client`: requests carry an `id` and are matched by it; a supervisor task reconnects (backoff
+#   with jitter) after the close codes in RECONNECT_CODES, sends `setup`, then `resume`, then the
+#   requests that were not answered (each is idempotent: a publish keeps its messageId, so a retry
+#   is deduplicated). Anything else ends the client: the error is raised by pending calls and, once
+#   the items already received are taken, by the iterator.
+#
+# Exactly once, in order, per topic. Each topic holds (epoch, last, known): the last seqNo handed
+# to the iterator's queue and the highest one known to exist. A message `last + 1` is taken; one
+# at or below `last` is a repeat and dropped; one beyond `last + 1` is a gap: it is dropped too,
+# `known` remembers it, and `replay {fromSeq: last + 1, epoch}` fetches the gap and everything up
+# to what the server delivered before its reply (live messages follow the reply), so nothing is
+# held out of order. History that no longer holds a gap (REPLAY_UNAVAILABLE, or `resumed.missed`)
+# becomes a `Missed` item before the messages after it. A new epoch (an unasked `subscribed`, or
+# another epoch in `subscribed`, `resumed.epochs`) yields `Missed(..., to_seq=None)` for the old
+# epoch and starts again from 0, filling the new epoch from its seqNo 1. Frames that arrive during
+# a `resume` are held until `resumed` says each topic's epoch (the replayed gap does not carry it);
+# past `max_queue` of them they are dropped and fetched again by replay.
+#
+# Positions go to the server as `ack {topic, seqNo}` once the iterator has handed a message over
+# (coalesced per event-loop turn), and `resume` always sends the client's own lastSeqPerTopic.
+
+CLIENT_OPEN_TIMEOUT = 10.0  # seconds for TCP, TLS and the 101 together (the server allows HANDSHAKE_TIMEOUT for a head)
+# Items received and not yet taken by `async for`. Past it the socket is not read: the server's
+# buffer fills, it closes with 4001 and the client resumes from history (SPEC I4), instead of
+# either side buffering without bound. Reading starts again at half, and goes on while a caller
+# awaits a reply (that caller may be the consumer). Memory: about max_queue times the message size
+# (as in the websockets library's max_queue).
+CLIENT_MAX_QUEUE = 1000
+RECONNECT_DELAY = 0.25  # seconds before the first reconnect attempt; doubled per failed attempt ...
+RECONNECT_MAX_DELAY = 30.0  # ... up to this. Each wait is drawn from [delay/2, delay] (jitter): the
+# clients a restart dropped together do not all come back in the same instant.
+REFRESH_BEFORE = 60.0  # seconds before ready.expiresAt that token_refresh is called; the server closes at exp + its leeway
+FILL_RETRY = 1.0  # seconds before a gap fill refused for a passing reason (BACKBONE_UNAVAILABLE) is asked again
+# SPEC §2 close codes whose "client" column says reconnect; 1012 (service restart) and 1013 (try
+# again later: the server's buffer budget) are RFC 6455 §7.4's temporary conditions.
+RECONNECT_CODES = frozenset((1001, 1006, 1011, 1012, 1013, 4000, 4001))
+_CLOSE_TEXT = {
+    CloseCode.NORMAL_CLOSURE: "closed",
+    CloseCode.SESSION_TAKEN_OVER: "session taken over by another connection",
+    CloseCode.TOKEN_EXPIRED: "token expired",
+}
+
+
+class Message(NamedTuple):
+    """A delivered message; `kid` and `sig` when the server signs."""
+
+    topic: str
+    seq_no: int
+    message_id: str
+    data: Any
+    epoch: str  # the topic's epoch this seqNo belongs to
+    kid: str | None = None
+    sig: str | None = None
+
+
+class Missed(NamedTuple):
+    """What will not be delivered on `topic`: seqNos from_seq..to_seq of `epoch`. `reason`:
+    "history" (no longer retained), "epoch" (the topic's sequence started again; to_seq is None:
+    whatever the old epoch held after from_seq - 1, if anything) or "unsubscribed" (the server
+    ended the subscription, ACL_DENIED after a refresh or at resume; to_seq is None)."""
+
+    topic: str
+    epoch: str
+    from_seq: int
+    to_seq: int | None
+    reason: str
+
+
+class Ack(NamedTuple):
+    message_id: str
+    status: str  # "ok", or "duplicate": published before (seq_no is the original's)
+    seq_no: int
+
+
+class Subscribed(NamedTuple):
+    topic: str
+    seq_no: int  # the topic's latest when subscribed: the first message delivered is seq_no + 1
+    epoch: str
+
+
+class Presence(NamedTuple):
+    topic: str
+    users: list[str]
+    count: int
+
+
+class MicrosocketError(Exception):
+    """An `error` reply, raised by the call that made the request: `code` is the server's error
+    code ("ACL_DENIED", ...), `message` its text, `context` its other fields (`topic`,
+    `messageId`, `field`, `oldestSeq`, `epoch`); the first three are attributes too."""
+
+    def __init__(self, code: Any, message: str, **context: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.context = context
+        self.topic = context.get("topic")
+        self.message_id = context.get("messageId")
+        self.field = context.get("field")
+
+
+class ConnectionClosed(MicrosocketError):
+    """The client stopped for good; `code` is the close code (an int) that ended it: 4002 (session
+    taken over), 4003 (token expired), 1002/1007/1009 (a protocol failure), 1000 (closed)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason or _CLOSE_TEXT.get(code, "connection closed"))
+        self.reason = reason
+
+
+class HandshakeError(MicrosocketError):
+    """The opening handshake failed; `status` is the HTTP status when the server answered one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__("HANDSHAKE_FAILED", message, status=status)
+        self.status = status
+
+
+class SignatureError(MicrosocketError):
+    """Raised by the iterator for a message whose `sig` is missing or does not verify under the
+    client's signing keys; `item` is the Message. It counts as delivered: iterating goes on after it."""
+
+    def __init__(self, item: Message) -> None:
+        super().__init__("BAD_SIGNATURE", "missing or invalid message signature", topic=item.topic, messageId=item.message_id)
+        self.item = item
+
+
+def error_from(reply: dict) -> MicrosocketError:
+    """The exception for an `error` reply."""
+    context = {k: v for k, v in reply.items() if k not in ("type", "code", "message", "id")}
+    return MicrosocketError(reply.get("code"), str(reply.get("message", "")), **context)
+
+
+class _Lost(Exception):
+    """Internal: the connection a request was sent on ended before its reply (close code, reason)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+# -- the opening handshake (sans-I/O)
+
+
+def handshake_request(host: str, path: str, key: str) -> bytes:
+    """The client's opening handshake (RFC 6455 §4.1), offering SUBPROTOCOL and no extension."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"
+        f"User-Agent: microsocket/{__version__}\r\n\r\n"
+    ).encode()
+
+
+def check_response(head: bytes, key: str) -> None:
+    """Check the response head (without its CRLF CRLF) to handshake_request; raise HandshakeError.
+    §4.1: "The client MUST validate the server's response as follows"."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    status, _, phrase = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not (status.isdigit() and len(status) == 3):
+        raise HandshakeError(f"not an HTTP response: {lines[0][:80]!r}")
+    if status != "101":  # step 1: anything else is answered "per HTTP procedures": here, an error
+        raise HandshakeError(f"the server answered {status} {phrase}".rstrip(), int(status))
+    fields: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HandshakeError(f"malformed header line {line[:80]!r}")
+        fields.setdefault(name.strip().lower(), []).append(value.strip())
+
+    def tokens(name: str) -> set[str]:
+        return {token.strip().lower() for value in fields.get(name, ()) for token in value.split(",")}
+
+    if "websocket" not in tokens("upgrade"):  # step 2
+        raise HandshakeError("the 101 has no 'Upgrade: websocket'")
+    if "upgrade" not in tokens("connection"):  # step 3
+        raise HandshakeError("the 101 has no 'Connection: Upgrade'")
+    if fields.get("sec-websocket-accept") != [accept_key(key)]:  # step 4
+        raise HandshakeError("Sec-WebSocket-Accept does not match the key sent")
+    if fields.get("sec-websocket-extensions"):  # step 5: none was offered, so none may be in use
+        raise HandshakeError("the server selected an extension that was not offered")
+    # Step 6 fails a subprotocol that was not offered; this client also fails its absence: a
+    # server that does not select microsocket.v1 does not say it speaks this protocol's version 1.
+    if fields.get("sec-websocket-protocol") != [SUBPROTOCOL]:
+        raise HandshakeError(f"the server did not select the {SUBPROTOCOL} subprotocol")
+
+
+# -- one TCP connection
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection of a Client: the 101, then frames. Complete text messages go to
+    `client._received(self, text)`; `lost` resolves to (close code, reason) when TCP is gone,
+    1006 when no close frame came."""
+
+    def __init__(self, client: Client, request: bytes, key: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.request = request
+        self.key = key
+        self.opened: asyncio.Future = self.loop.create_future()  # done once the 101 is checked
+        self.lost: asyncio.Future = self.loop.create_future()
+        self.transport: Any = None
+        self.buffer = bytearray()
+        self.state = OPEN
+        self.close_received: tuple[int, str] | None = None
+        self.failed: int | None = None  # the code this side failed the connection with (§7.1.7)
+        self.paused = False
+        self.last_seen = self.loop.time()  # any bytes at all count as a sign of life
+        self.max_size = client.max_message_size
+        self._opcode = 0  # TEXT or BINARY while a message is open
+        self._parts: list = []
+        self._size = 0
+        self._decoder: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        self.buffer += data
+        if not self.opened.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > MAX_HEAD_SIZE:
+                    self._refuse(HandshakeError(f"response head over {MAX_HEAD_SIZE} bytes"))
+                return
+            head = bytes(self.buffer[:end])
+            del self.buffer[: end + 4]
+            try:
+                check_response(head, self.key)
+            except HandshakeError as exc:
+                self._refuse(exc)
+                return
+            self.opened.set_result(None)
+        self._parse()
+
+    def _refuse(self, exc: HandshakeError) -> None:
+        self.opened.set_exception(exc)
+        self.state = CLOSED
+        self.transport.abort()
+
+    def _parse(self) -> None:
+        buf = self.buffer
+        pos = 0
+        try:
+            while self.state != CLOSED and not self.paused:  # paused: the rest waits in the buffer
+                header = parse_header(buf, pos, self.max_size)  # a frame over the limit: 1009 before buffering it
+                if header is None or len(buf) - pos < header.size + header.length:
+                    break
+                if header.mask is not None:
+                    # §5.1: "A client MUST close a connection if it detects a masked frame."
+                    raise ProtocolError("server frames must not be masked")
+                start = pos + header.size
+                pos = start + header.length
+                self._frame(header.opcode, header.fin, bytes(buf[start:pos]))
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.reason)
+            return
+        del buf[:pos]
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode >= Opcode.CLOSE:
+            self._control(opcode, payload)
+            return
+        if opcode == Opcode.CONT:
+            if not self._opcode:
+                raise ProtocolError("continuation frame without a message to continue")  # §5.4
+        elif self._opcode:
+            raise ProtocolError("new data frame while a fragmented message is open")  # §5.4
+        else:
+            self._opcode, self._size = opcode, 0
+            self._decoder = _utf8_decoder() if opcode == Opcode.TEXT else None
+        self._size += len(payload)
+        if self._size > self.max_size:
+            raise PayloadTooBig(f"message over the {self.max_size}-byte limit")
+        if self._decoder is not None:
+            try:
+                payload = self._decoder.decode(payload, fin)
+            except UnicodeDecodeError:
+                # §8.1: text that is not UTF-8 "MUST _Fail the WebSocket Connection_" (1007).
+                raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None
+        self._parts.append(payload)
+        if fin:
+            parts, text = self._parts, self._opcode == Opcode.TEXT
+            self._parts, self._opcode, self._decoder = [], 0, None
+            if self.state != OPEN:
+                return  # after our close frame, data is read only to reach the server's
+            if text:
+                self.client._received(self, "".join(parts))
+            else:
+                log.warning("client: a binary message from the server, ignored (SPEC §2: text frames only)")
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == Opcode.PING:
+            # §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+            # response", with "identical "Application data"".
+            self._write(Opcode.PONG, payload)
+        elif opcode == Opcode.CLOSE:
+            self.close_received = parse_close(payload)
+            if self.state == OPEN:
+                # §5.5.1: "the endpoint MUST send a Close frame in response", echoing the code.
+                self._write(Opcode.CLOSE, serialize_close(self.close_received[0]))
+            self.state = CLOSED
+            # §7.1.1: the server closes TCP first; if it does not in time, the client does.
+            self.loop.call_later(self.client.close_timeout, self.abort)
+        # A pong needs nothing: last_seen moved already.
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            # §5.3: every client frame is masked, with "a fresh masking key" that "MUST be derived
+            # from a strong source of entropy" (os.urandom).
+            self.transport.write(serialize_frame(opcode, payload, mask=os.urandom(4)))
+
+    def send(self, text: str) -> None:
+        if self.state == OPEN:
+            self._write(Opcode.TEXT, utf8(text))
+
+    def ping(self) -> None:
+        if self.state == OPEN:
+            self._write(Opcode.PING, b"")
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the closing handshake (§7.1.2); TCP goes when the server answers, or after close_timeout."""
+        if self.state == OPEN:
+            self._write(Opcode.CLOSE, serialize_close(code, reason))
+            self.state = CLOSING
+            self.loop.call_later(self.client.close_timeout, self.abort)
+        elif self.transport is not None and not self.opened.done():
+            self.transport.abort()
+
+    def fail(self, code: int, reason: str) -> None:
+        """_Fail the WebSocket Connection_ (§7.1.7): a close frame with `code`, then close TCP."""
+        if self.state == OPEN:
+            self._write(Opcode.CLOSE, serialize_close(code, reason))
+        self.failed = code
+        self.state = CLOSED
+        log.warning("client: failing the connection with %d: %s", code, reason)
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause(self, paused: bool) -> None:
+        """Stop (True) or go on (False) reading: frames already read wait unparsed meanwhile."""
+        if paused != self.paused and self.transport is not None:
+            self.paused = paused
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
+            if not paused and self.buffer and self.opened.done():
+                self._parse()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.buffer and self.opened.done() and self.state != CLOSED:
+            self.paused = False
+            self._parse()  # what was read before TCP went, a close frame perhaps (4002 must not look like 1006)
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError("the connection closed during the opening handshake"))
+        if self.close_received is not None:
+            code, reason = self.close_received
+        elif self.failed is not None:
+            code, reason = self.failed, ""
+        else:
+            code, reason = CloseCode.ABNORMAL_CLOSURE, str(exc or "")
+        self.state = CLOSED
+        if not self.lost.done():
+            self.lost.set_result((code, reason))
+        self.client._lost(self, code, reason)
+
+
+# -- the client
+
+
+class _Call:
+    """A request waiting for its reply. `conn`: sent on that connection only (setup, resume, a gap
+    fill), forgotten when it ends; None: the caller's, sent again after a reconnect until answered."""
+
+    __slots__ = ("msg", "text", "conn", "on_reply", "future")
+
+    def __init__(self, msg: dict, conn: _Connection | None, on_reply: Callable[[dict], None] | None, future: asyncio.Future | None) -> None:
+        self.msg = msg
+        self.text = encode(msg)  # here, so a payload that is not JSON raises in the caller (TypeError, ValueError)
+        self.conn = conn
+        self.on_reply = on_reply  # called inside data_received, before the next frame is looked at
+        self.future = future
+
+
+class _Stream:
+    """One subscribed topic: `last` is the last seqNo queued for the caller (None until the first
+    `subscribed` says where it starts), `known` the highest seqNo known to exist, in `epoch`."""
+
+    __slots__ = ("topic", "epoch", "last", "known", "filling")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.epoch = ""
+        self.last: int | None = None
+        self.known = 0
+        self.filling = False  # a replay for the gap last+1..known is on its way
+
+
+class Client:
+    """A Micro Socket session that outlives its connections; see `connect` and the section preface.
+
+    Iterate it (`async for item in client`) for `Message` and `Missed` items; it raises
+    `ConnectionClosed` (or `MicrosocketError` AUTH_FAILED) once the session cannot go on, and stops
+    after `aclose()`. Every request method raises MicrosocketError on an `error` reply.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        token_refresh: Callable[[], Awaitable[str]] | None = None,
+        refresh_before: float = REFRESH_BEFORE,
+        signing_keys: dict[str, bytes] | None = None,
+        ssl: ssl.SSLContext | None = None,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_queue: int = CLIENT_MAX_QUEUE,
+        reconnect_delay: float = RECONNECT_DELAY,
+        max_reconnect_delay: float = RECONNECT_MAX_DELAY,
+        open_timeout: float = CLIENT_OPEN_TIMEOUT,
+        close_timeout: float = CLOSE_TIMEOUT,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        secure = parts.scheme == "wss"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if secure else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = host if parts.port is None else f"{host}:{parts.port}"
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._ssl = _tls_context(secure, ssl)
+        self._token = token
+        self._token_refresh = token_refresh
+        self._refresh_before = refresh_before
+        self._signing = SigningKeys(signing_keys.items()) if signing_keys else None  # ValueError as for --sign-key
+        self.max_message_size = max_message_size
+        self.max_queue = max_queue
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.session_id: str | None = None
+        self.user_id: str | None = None
+        self.epoch: str | None = None  # ready.epoch of the server the session lives on
+        self.expires_at: float | None = None  # the token's exp (Unix time), from ready / refreshed
+        self.reconnects = 0  # successful re-attachments after a lost connection
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._awaited = 0  # calls in _calls that a caller awaits (they have a future)
+        self._topics: dict[str, _Stream] = {}
+        self._queue: collections.deque = collections.deque()  # Message, Missed, SignatureError
+        self._wakeup: asyncio.Future | None = None
+        self._acks: dict[str, tuple[str, int]] = {}  # topic -> (epoch, seqNo) handed over, not yet acked
+        self._ack_scheduled = False
+        self._replays: dict[str, list[tuple[int, int | None, dict]]] = {}  # replay() calls collecting messages
+        self._holding: list[dict] | None = None  # frames held while a resume runs
+        self._held_past: dict[str, int] = {}  # topic -> highest seqNo dropped while holding was full
+        self._conn: _Connection | None = None
+        self._open = False  # attached: the caller's requests go straight to the wire
+        self._failure: MicrosocketError | None = None
+        self._closing = False
+        self._supervisor: asyncio.Task | None = None
+        self._refresher: asyncio.Task | None = None
+
+    # -- life cycle
+
+    async def __aenter__(self) -> Client:
+        return await self._start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def __await__(self) -> Any:
+        return self._start().__await__()
+
+    async def _start(self) -> Client:
+        """Open the first connection and set up; its failures are raised as they are (OSError,
+        HandshakeError, MicrosocketError AUTH_FAILED, ...): a wrong URL or token fails at once."""
+        if self._supervisor is None:
+            try:
+                await self._attach()
+            except BaseException as exc:
+                await self.aclose()
+                if isinstance(exc, _Lost):  # closed during setup: said as the close it was
+                    raise ConnectionClosed(exc.code, exc.reason) from None
+                raise
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        return self
+
+    async def aclose(self) -> None:
+        """Close: ack what was handed over, then the closing handshake (1000), waiting up to
+        close_timeout for the server's close frame. Pending calls raise ConnectionClosed(1000)."""
+        if self._closing:
+            return
+        self._closing = True
+        for task in (self._supervisor, self._refresher):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.lost.done():  # it got as far as TCP
+            self._send_acks()
+            conn.close()
+            await asyncio.wait([conn.lost], timeout=self.close_timeout)
+            conn.abort()
+        self._finish(ConnectionClosed(CloseCode.NORMAL_CLOSURE, "closed by the client"))
+
+    def _finish(self, exc: MicrosocketError) -> None:
+        """No more requests: every pending call raises `exc`; the iterator does too after the queue
+        (or stops, when the caller closed)."""
+        if self._failure is None:
+            self._failure = exc
+        for call in self._calls.values():
+            if call.future is not None and not call.future.done():
+                call.future.set_exception(exc)
+                call.future.exception()  # retrieved: a caller that gave up must not make a warning
+        self._calls.clear()
+        self._awaited = 0
+        self._wake()
+        if self._refresher is not None:
+            self._refresher.cancel()
+
+    def _fail(self, exc: MicrosocketError) -> None:
+        log.warning("client: the session ends: %s", exc)
+        self._finish(exc)
+        if self._conn is not None:
+            self._conn.close()
+
+    async def _supervise(self) -> None:
+        """Watch the connection; after a close code in RECONNECT_CODES, attach again with backoff."""
+        attempt = 0
+        while True:
+            code, reason = await self._watch(self._conn)
+            while True:
+                if self._closing:
+                    return
+                if code not in RECONNECT_CODES:
+                    self._fail(ConnectionClosed(code, reason))
+                    return
+                delay = min(self.max_reconnect_delay, self.reconnect_delay * 2**attempt)
+                attempt += 1
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                try:
+                    await self._attach()
+                except _Lost as lost:
+                    code, reason = lost.code, lost.reason
+                    continue
+                except (OSError, asyncio.TimeoutError) as exc:
+                    if isinstance(exc, ssl.SSLCertVerificationError):
+                        self._fail(HandshakeError(f"TLS: {exc}"))
+                        return
+                    log.info("client: reconnect attempt %d failed: %s", attempt, exc)
+                    code = CloseCode.ABNORMAL_CLOSURE
+                    continue
+                except MicrosocketError as exc:
+                    if _transient(exc):
+                        log.info("client: reconnect attempt %d failed: %s", attempt, exc)
+                        code = CloseCode.TRY_AGAIN_LATER
+                        continue
+                    self._fail(exc)
+                    return
+                except Exception as exc:  # token_refresh failed, or a bug: said, never a silent stop
+                    log.exception("client: reconnecting failed")
+                    self._fail(MicrosocketError("CLIENT_ERROR", f"reconnecting failed: {exc!r}"))
+                    return
+                attempt = 0
+                self.reconnects += 1
+                break
+
+    async def _watch(self, conn: _Connection) -> tuple[int, str]:
+        """Wait for `conn` to end. Silent for ping_interval: ping it (§5.5.2); still silent after
+        ping_timeout: drop it (1006), so a half-open TCP connection is noticed. Not while paused."""
+        loop = asyncio.get_running_loop()
+        while not conn.lost.done():
+            idle = loop.time() - conn.last_seen
+            interval = self.ping_interval
+            if not interval or conn.paused or idle < interval:
+                await asyncio.wait([conn.lost], timeout=(interval - idle if idle < interval else interval) or None)
+                continue
+            conn.ping()
+            sent = loop.time()
+            await asyncio.wait([conn.lost], timeout=self.ping_timeout)
+            if conn.last_seen < sent and not conn.paused and not conn.lost.done():
+                log.info("client: no answer to a ping in %g s: dropping the connection", self.ping_timeout)
+                conn.abort()
+                await asyncio.wait([conn.lost])
+        return conn.lost.result()
+
+    async def _open_connection(self) -> _Connection:
+        key = base64.b64encode(os.urandom(16)).decode()  # §4.1: "a randomly selected 16-byte value"
+        conn = _Connection(self, handshake_request(self._host_header, self._path, key), key)
+        loop = asyncio.get_running_loop()
+        self._conn = conn
+        try:
+            await asyncio.wait_for(self._connect(loop, conn), self.open_timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: _Connection) -> None:
+        server_hostname = self._host if self._ssl is not None else None
+        await loop.create_connection(lambda: conn, self._host, self._port, ssl=self._ssl, server_hostname=server_hostname)
+        await conn.opened
+
+    async def _attach(self) -> None:
+        """One connection: handshake, setup, then (after the first) resume; then the requests and
+        acks that waited. Raises what stopped it; the supervisor decides whether to retry."""
+        if self._token_refresh is not None and self.expires_at is not None and time.time() > self.expires_at - self._refresh_before:
+            self._token = await self._token_refresh()  # coming back after the token ran out
+        conn = await self._open_connection()
+        try:
+            ready = await self._call({"type": "setup", "token": self._token}, conn)
+            self.user_id, self.expires_at = ready["userId"], ready.get("expiresAt")
+            if self.session_id is None:
+                self.session_id, self.epoch = ready["sessionId"], ready["epoch"]
+            else:
+                await self._resume(conn, ready)
+        except BaseException:
+            conn.close()
+            raise
+        self._open = True
+        for call in list(self._calls.values()):
+            if call.conn is None:
+                conn.send(call.text)  # in the order they were made: replies keep it
+        self._send_acks()
+        self._schedule_refresh()
+
+    async def _resume(self, conn: _Connection, ready: dict) -> None:
+        """SPEC I6: re-attach the session's topics with the client's own positions and epochs.
+        An expired session (or a restarted server) is replaced by the new one: every topic is
+        subscribed again, and what the new position skips is filled by replay (or reported)."""
+        positions = {t: s.last for t, s in self._topics.items() if s.last is not None}
+        msg = {"type": "resume", "sessionId": self.session_id, "lastSeqPerTopic": positions,
+               "epochs": {t: self._topics[t].epoch for t in positions}, "epoch": self.epoch}
+        self._holding, self._held_past = [], {}
+        try:
+            await self._call(msg, conn, self._resumed)
+        except MicrosocketError as exc:
+            if exc.code != "SESSION_EXPIRED":
+                raise
+            log.info("client: session %s expired (or the server restarted): subscribing again", self.session_id)
+            self.session_id, self.epoch = ready["sessionId"], ready["epoch"]
+            for stream in self._topics.values():
+                if stream.last is not None:
+                    self._resubscribe(stream)
+        finally:
+            self._holding = None
+
+    def _resumed(self, reply: dict) -> None:
+        """The `resumed` reply (or the error), acted on before anything after it is read."""
+        held, self._holding = self._holding or [], None
+        if reply.get("type") != "resumed":
+            return
+        for topic, epoch in reply.get("epochs", {}).items():
+            stream = self._topics.get(topic)
+            if stream is not None and stream.last is not None and epoch != stream.epoch:
+                self._new_epoch(stream, epoch, 0)
+        for gap in reply.get("missed", ()):
+            stream = self._topics.get(gap["topic"])
+            if stream is not None and stream.last is not None:
+                self._skip(stream, gap["oldestSeq"] - 1, "history")
+        for msg in held:
+            self._received_msg(msg)
+        for topic, seq in self._held_past.items():
+            stream = self._topics.get(topic)
+            if stream is not None:
+                stream.known = max(stream.known, seq)
+        attached = set(reply.get("topics", ()))
+        for topic in attached - self._topics.keys():
+            self._send({"type": "unsubscribe", "topic": topic}, self._conn)  # left while it was away
+        for stream in list(self._topics.values()):
+            if stream.last is None:
+                continue  # its subscribe is among the calls sent again
+            if stream.topic in attached:
+                self._fill(stream)
+            else:
+                self._resubscribe(stream)
+
+    def _schedule_refresh(self) -> None:
+        if self._refresher is not None and self._refresher is not asyncio.current_task():
+            self._refresher.cancel()
+        self._refresher = None
+        if self._token_refresh is not None and self.expires_at is not None and not self._closing:
+            delay = max(0.0, self.expires_at - self._refresh_before - time.time())
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_later(delay))
+
+    async def _refresh_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.refresh(await self._token_refresh())
+        except Exception as exc:  # the token service or the server refused: 4003 at expiry says the rest
+            log.warning("client: refreshing the token failed: %r (the server closes with 4003 at expiry)", exc)
+
+    # -- requests
+
+    def _send(self, msg: dict, conn: _Connection | None = None, on_reply: Callable[[dict], None] | None = None,
+              future: asyncio.Future | None = None) -> None:
+        """Register a request under a new id and send it now, or once attached (conn None)."""
+        msg["id"] = msg_id = next(self._ids)
+        call = self._calls[msg_id] = _Call(msg, conn, on_reply, future)
+        if future is not None:
+            self._awaited += 1
+            self._backpressure()  # its reply may be behind frames not read yet
+        if conn is not None and conn.lost.done():  # gone before it could be sent: as if it went with it
+            self._forget(msg_id)
+            if future is not None:
+                future.set_exception(_Lost(*conn.lost.result()))
+        elif conn is not None:
+            conn.send(call.text)
+        elif self._open:
+            self._conn.send(call.text)
+
+    def _forget(self, msg_id: int) -> _Call | None:
+        call = self._calls.pop(msg_id, None)
+        if call is not None and call.future is not None:
+            self._awaited -= 1
+        return call
+
+    async def _call(self, msg: dict, conn: _Connection | None = None, on_reply: Callable[[dict], None] | None = None) -> dict:
+        """Send a request and return its reply; an `error` reply is raised as MicrosocketError."""
+        if self._failure is not None:
+            raise self._failure
+        future = asyncio.get_running_loop().create_future()
+        self._send(msg, conn, on_reply, future)
+        try:
+            reply = await future
+        finally:
+            self._forget(msg["id"])  # a caller that gave up is not sent again
+        if reply.get("type") == "error":
+            raise error_from(reply)
+        return reply
+
+    async def subscribe(self, topic: str) -> Subscribed:
+        """Subscribe (idempotent); messages after the returned seq_no follow in the iterator."""
+        stream = self._topics.get(topic)
+        if stream is None:
+            stream = self._topics[topic] = _Stream(topic)
+
+        def subscribed(reply: dict) -> None:
+            if self._topics.get(topic) is not stream:
+                return  # unsubscribed meanwhile
+            if reply.get("type") == "error":
+                if stream.last is None:
+                    del self._topics[topic]
+            else:
+                self._position(stream, reply["seqNo"], reply["epoch"])
+
+        reply = await self._call({"type": "subscribe", "topic": topic}, on_reply=subscribed)
+        return Subscribed(topic, reply["seqNo"], reply["epoch"])
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Unsubscribe (idempotent): nothing more of `topic` is queued from now on."""
+        self._topics.pop(topic, None)
+        await self._call({"type": "unsubscribe", "topic": topic})
+
+    async def publish(self, topic: str, payload: Any = None, message_id: str | None = None) -> Ack:
+        """Publish; the Ack says "ok" or "duplicate" and the seqNo. Without `message_id` one is
+        made; either way it is kept when the request is sent again after a reconnect, so a
+        publish whose ack was lost is answered "duplicate" instead of published twice."""
+        message_id = message_id or f"c-{secrets.token_hex(12)}"
+        reply = await self._call({"type": "publish", "topic": topic, "messageId": message_id, "payload": payload})
+        return Ack(reply["messageId"], reply["status"], reply["seqNo"])
+
+    async def replay(self, topic: str, from_seq: int, to_seq: int | None = None) -> list[Message]:
+        """The retained messages from_seq..to_seq (to the latest when None), in order; not
+        passed to the iterator (those of a subscribed topic come there once anyway). History that
+        no longer holds from_seq raises REPLAY_UNAVAILABLE (context: oldestSeq, epoch); a bad
+        signature raises SignatureError."""
+        got: dict[int, dict] = {}
+        entry = (from_seq, to_seq, got)
+        self._replays.setdefault(topic, []).append(entry)
+        try:
+            reply = await self._call({"type": "replay", "topic": topic, "fromSeq": from_seq})
+        finally:
+            entries = self._replays[topic]
+            entries.remove(entry)
+            if not entries:
+                del self._replays[topic]
+        last = reply["toSeq"] if to_seq is None else min(to_seq, reply["toSeq"])
+        items = [self._item(got[seq], reply["epoch"]) for seq in sorted(got) if seq <= last]
+        for item in items:
+            if isinstance(item, SignatureError):
+                raise item
+        return items
+
+    async def presence(self, topic: str) -> Presence:
+        """Who is subscribed to `topic`: the users (sorted, at most the server's limit) and the exact count."""
+        reply = await self._call({"type": "presence", "topic": topic})
+        return Presence(reply["topic"], reply["users"], reply["count"])
+
+    async def refresh(self, token: str) -> float | None:
+        """Replace the token (same user); returns the new expiresAt. Later reconnects use it."""
+        reply = await self._call({"type": "refresh", "token": token})
+        self._token, self.expires_at = token, reply.get("expiresAt")
+        self._schedule_refresh()
+        return self.expires_at
+
+    # -- what the server sends
+
+    def _received(self, conn: _Connection, text: str) -> None:
+        if conn is not self._conn:
+            return
+        try:
+            msg = json.loads(text)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            log.warning("client: a server message that is not a JSON object, ignored")
+            return
+        try:
+            self._received_msg(msg)
+        except Exception:  # a malformed reply must not stop the connection's reading
+            log.exception("client: failed to handle %r", text[:200])
+
+    def _received_msg(self, msg: dict) -> None:
+        kind, msg_id = msg.get("type"), msg.get("id")
+        if self._holding is not None and msg_id is None:
+            if kind != "message" or len(self._holding) < self.max_queue:
+                self._holding.append(msg)
+            else:  # dropped, to be fetched again by replay once `resumed` says the epochs
+                self._held_past[msg["topic"]] = max(self._held_past.get(msg["topic"], 0), msg["seqNo"])
+            return
+        if kind == "message":
+            self._message(msg)
+        elif msg_id is not None:
+            call = self._calls.get(msg_id)
+            if call is None:
+                return  # its caller gave up
+            if kind == "error" and msg.get("code") == "ACL_DENIED" and call.msg["type"] == "resume":
+                self._ended(msg.get("topic"))  # one per refused topic, before `resumed`
+                return
+            self._forget(msg_id)
+            if call.on_reply is not None:
+                call.on_reply(msg)
+            if call.future is not None and not call.future.done():
+                call.future.set_result(msg)
+                self._backpressure()
+        elif kind == "subscribed":  # unasked: the topic's counter started again in a new epoch
+            stream = self._topics.get(msg["topic"])
+            if stream is not None and stream.last is not None and msg["epoch"] != stream.epoch:
+                self._new_epoch(stream, msg["epoch"], msg["seqNo"])
+        elif kind == "error" and msg.get("code") == "ACL_DENIED" and msg.get("topic"):
+            self._ended(msg["topic"])  # a refreshed token no longer covers it
+        else:
+            log.warning("client: unexpected %s from the server: %s", kind, msg.get("message", ""))
+
+    def _message(self, msg: dict) -> None:
+        topic, seq = msg["topic"], msg["seqNo"]
+        for first, last, got in self._replays.get(topic, ()):
+            if first <= seq and (last is None or seq <= last):
+                got[seq] = msg
+        stream = self._topics.get(topic)
+        if stream is None or stream.last is None or seq <= stream.last:
+            return  # not (yet) subscribed, or a repeat
+        if seq == stream.last + 1:
+            stream.last = seq
+            stream.known = max(stream.known, seq)
+            self._put(self._item(msg, stream.epoch))
+        else:  # a gap: this one comes again with the replay that fills it
+            stream.known = max(stream.known, seq)
+            self._fill(stream)
+
+    def _item(self, msg: dict, epoch: str) -> Message | SignatureError:
+        item = Message(msg["topic"], msg["seqNo"], msg["messageId"], msg.get("data"), epoch, msg.get("kid"), msg.get("sig"))
+        signing = self._signing
+        if signing is not None and not signing.verify(item.kid, item.sig, item.topic, item.seq_no, item.message_id, item.data):
+            return SignatureError(item)
+        return item
+
+    def _position(self, stream: _Stream, seq: int, epoch: str) -> None:
+        """A `subscribed` for the stream: where a new subscription starts, or a gap (or a new
+        epoch) for one that had a position."""
+        if stream.last is None:
+            stream.epoch, stream.last, stream.known = epoch, seq, seq
+            return
+        if epoch != stream.epoch:
+            self._new_epoch(stream, epoch, 0)
+        stream.known = max(stream.known, seq)
+        self._fill(stream)
+
+    def _new_epoch(self, stream: _Stream, epoch: str, seq: int) -> None:
+        self._put(Missed(stream.topic, stream.epoch, stream.last + 1, None, "epoch"))
+        stream.epoch, stream.last, stream.known, stream.filling = epoch, seq, seq, False
+
+    def _skip(self, stream: _Stream, upto: int, reason: str) -> None:
+        """Report last+1..upto as missed and go on after it."""
+        if upto > stream.last:
+            self._put(Missed(stream.topic, stream.epoch, stream.last + 1, upto, reason))
+            stream.last = upto
+            stream.known = max(stream.known, upto)
+
+    def _ended(self, topic: Any) -> None:
+        stream = self._topics.pop(topic, None)
+        if stream is not None and stream.last is not None:
+            self._put(Missed(topic, stream.epoch, stream.last + 1, None, "unsubscribed"))
+
+    def _resubscribe(self, stream: _Stream) -> None:
+        def subscribed(reply: dict) -> None:
+            if self._topics.get(stream.topic) is stream:
+                if reply.get("type") == "error":
+                    self._ended(stream.topic)
+                else:
+                    self._position(stream, reply["seqNo"], reply["epoch"])
+
+        self._send({"type": "subscribe", "topic": stream.topic}, self._conn, subscribed)
+
+    def _fill(self, stream: _Stream) -> None:
+        """Ask for the gap last+1..known, unless a replay for it is on its way already."""
+        if stream.filling or stream.known <= stream.last or self._conn is None or self._conn.state != OPEN:
+            return
+        stream.filling = True
+        epoch = stream.epoch
+
+        def filled(reply: dict) -> None:
+            if self._topics.get(stream.topic) is not stream or stream.epoch != epoch:
+                return  # unsubscribed, or a new epoch started meanwhile
+            stream.filling = False
+            if reply.get("type") == "replayed":
+                # The replay ran up to what was delivered before its reply: everything known.
+                self._skip(stream, stream.known, "history")
+            elif reply.get("code") == "REPLAY_UNAVAILABLE":
+                if reply.get("epoch") == epoch:
+                    self._skip(stream, reply["oldestSeq"] - 1, "history")
+                    self._fill(stream)
+                else:
+                    self._new_epoch(stream, reply.get("epoch", ""), 0)
+            else:
+                log.info("client: gap fill of %r refused (%s): asking again", stream.topic, reply.get("code"))
+                asyncio.get_running_loop().call_later(FILL_RETRY, self._fill, stream)
+
+        self._send({"type": "replay", "topic": stream.topic, "fromSeq": stream.last + 1, "epoch": epoch}, self._conn, filled)
+
+    def _lost(self, conn: _Connection, code: int, reason: str) -> None:
+        """The connection ended: what was sent on it alone is forgotten (the resume covers it)."""
+        if conn is not self._conn:
+            return
+        self._open = False
+        lost = _Lost(code, reason)
+        for msg_id, call in list(self._calls.items()):
+            if call.conn is conn:
+                self._forget(msg_id)
+                if call.future is not None and not call.future.done():
+                    call.future.set_exception(lost)
+        for stream in self._topics.values():
+            stream.filling = False
+
+    # -- the iterator
+
+    def _put(self, item: Any) -> None:
+        self._queue.append(item)
+        self._wake()
+        if len(self._queue) >= self.max_queue:
+            self._backpressure()
+
+    def _backpressure(self) -> None:
+        """Read while the caller has fewer than max_queue items to take (again from half of it),
+        or while a caller awaits a reply: that caller may be the one who takes them, and its reply
+        is behind what the server sent before it (bounded by the server's --max-buffer)."""
+        conn = self._conn
+        if conn is not None:
+            if self._awaited or len(self._queue) <= self.max_queue // 2:
+                conn.pause(False)
+            elif len(self._queue) >= self.max_queue:
+                conn.pause(True)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Message | Missed:
+        while not self._queue:
+            if self._failure is not None:
+                if self._closing:
+                    raise StopAsyncIteration
+                raise self._failure
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        item = self._queue.popleft()
+        if len(self._queue) == self.max_queue // 2:
+            self._backpressure()
+        message = item.item if isinstance(item, SignatureError) else item
+        if isinstance(message, Message):
+            self._acks[message.topic] = (message.epoch, message.seq_no)
+            if not self._ack_scheduled:
+                self._ack_scheduled = True
+                asyncio.get_running_loop().call_soon(self._send_acks)
+        if isinstance(item, SignatureError):
+            raise item
+        return item
+
+    def _send_acks(self) -> None:
+        """`ack` the last message handed over per topic: the server's record of the position."""
+        self._ack_scheduled = False
+        if not self._open or self._conn is None:
+            return  # kept for after the reconnect
+        for topic, (epoch, seq) in self._acks.items():
+            stream = self._topics.get(topic)
+            if stream is not None and stream.epoch == epoch:
+                self._conn.send(encode({"type": "ack", "topic": topic, "seqNo": seq}))
+        self._acks.clear()
+
+
+def _transient(exc: MicrosocketError) -> bool:
+    """A refusal worth retrying later: the backbone or a limit, not the token or the request."""
+    if isinstance(exc, HandshakeError):
+        return exc.status is not None and (exc.status == 429 or exc.status >= 500)
+    return exc.code in ("BACKBONE_UNAVAILABLE", "INTERNAL_ERROR", "TOO_MANY_CONNECTIONS")
+
+
+def _tls_context(secure: bool, context: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """wss://: the given context, else the default one (certificates and host name verified)."""
+    if not secure:
+        if context is not None:
+            raise ValueError("ssl= needs a wss:// URL")
+        return None
+    return context if context is not None else ssl.create_default_context()
+
+
+def connect(url: str, token: str, **options: Any) -> Client:
+    """A Client for `url` (ws:// or wss://, path /ws), authenticated with `token`: use it as
+    `async with connect(...) as client:` (closed at the end) or `client = await connect(...)`.
+
+    Options (keyword-only): `token_refresh` (async callable returning a new token; called
+    `refresh_before` seconds before ready.expiresAt, and before reconnecting with an expired one),
+    `signing_keys` ({kid: secret bytes}: every message must carry a valid `sig`, else the iterator
+    raises SignatureError), `ssl` (an SSLContext for wss://), `max_message_size` (1009 past it),
+    `max_queue`, `reconnect_delay`, `max_reconnect_delay`, `open_timeout`, `close_timeout`,
+    `ping_interval` (0: no keepalive pings), `ping_timeout`.
+    """
+    return Client(url, token, **options)
+
+
+# === 17. Command line =============================================================================
 #
 # One frozen Config, built from the command line in main() and passed down. Every option can also
 # come from a MICROSOCKET_* environment variable (used as the argparse default).
