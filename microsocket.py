@@ -8679,6 +8679,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="microsocket.py",
         description="Micro Socket pub/sub gateway over WebSocket (RFC 6455), standard library only. "
         "Every option can also be set with the environment variable shown, e.g. MICROSOCKET_PORT=8080.",
+        epilog="The client on the command line: `microsocket.py sub TOPIC... [--url URL] [--token TOKEN]` prints each "
+        "message as a JSON line; `microsocket.py pub TOPIC [DATA]` publishes DATA or each line of stdin and prints "
+        "the acks (`microsocket.py sub --help`, `microsocket.py pub --help`).",
     )
     defaults = Config()
     for flag, field, kind, text in _OPTIONS:
@@ -8911,7 +8914,117 @@ def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventL
     return asyncio.new_event_loop, "asyncio"
 
 
+# -- `sub` and `pub`: the client on the command line (section 16)
+
+CLIENT_COMMANDS = ("sub", "pub")
+DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/ws"
+
+
+def build_client_parser(command: str) -> argparse.ArgumentParser:
+    """The options of `microsocket.py sub` and `microsocket.py pub`."""
+    if command == "sub":
+        parser = argparse.ArgumentParser(
+            prog="microsocket.py sub",
+            description="Subscribe to TOPICs and print each message as one JSON line on stdout ({topic, seqNo, "
+            "messageId, data, epoch}), in order, once each: after a dropped connection or a server restart the "
+            "client reconnects and resumes. What cannot be delivered any more is said on stderr. Ctrl-C stops it.",
+        )
+        parser.add_argument("topics", nargs="+", metavar="TOPIC", help="a topic to subscribe to")
+    else:
+        parser = argparse.ArgumentParser(
+            prog="microsocket.py pub",
+            description="Publish DATA to TOPIC, or, without DATA, each line of stdin as one message; print each "
+            "ack as one JSON line ({messageId, status, seqNo}). DATA (and each line) is sent as JSON when it is "
+            "JSON, else as a string. Exit 1 if any publish was refused (the error is on stderr).",
+        )
+        parser.add_argument("topic", metavar="TOPIC", help="the topic to publish to")
+        parser.add_argument("data", nargs="?", metavar="DATA", help="the payload (default: read stdin, one message per line)")
+        parser.add_argument("--message-id", help="the messageId of DATA (default: a fresh one; the same one again is deduplicated)")
+    parser.add_argument("--url", default=os.environ.get("MICROSOCKET_URL", DEFAULT_URL), help="the server's WebSocket URL [MICROSOCKET_URL] (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("MICROSOCKET_TOKEN", os.environ.get("USER") or "cli"), help="the setup token: any name in demo auth, a JWT otherwise [MICROSOCKET_TOKEN] (default: $USER)")
+    return parser
+
+
+def _payload_of(text: str) -> Any:
+    """A command-line payload: its JSON value when it is JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def run_sub(args: argparse.Namespace, out: Any = None) -> int:
+    out = out or sys.stdout
+    async with connect(args.url, args.token) as client:
+        for topic in dict.fromkeys(args.topics):
+            await client.subscribe(topic)
+        async for item in client:
+            if isinstance(item, Missed):
+                end = "" if item.to_seq is None else f"..{item.to_seq}"
+                print(f"microsocket.py sub: {item.topic}: seqNo {item.from_seq}{end} of epoch {item.epoch} missed ({item.reason})", file=sys.stderr, flush=True)
+                continue
+            line = {"topic": item.topic, "seqNo": item.seq_no, "messageId": item.message_id, "data": item.data, "epoch": item.epoch}
+            if item.sig is not None:
+                line.update(kid=item.kid, sig=item.sig)
+            print(json.dumps(line, ensure_ascii=False, separators=(",", ":")), file=out, flush=True)
+    return 0
+
+
+async def run_pub(args: argparse.Namespace, lines: Iterable[str] | None = None, out: Any = None) -> int:
+    out = out or sys.stdout
+    refused = 0
+    async with connect(args.url, args.token) as client:
+
+        async def publish(text: str, message_id: str | None = None) -> None:
+            nonlocal refused
+            try:
+                ack = await client.publish(args.topic, _payload_of(text), message_id)
+            except ConnectionClosed:
+                raise
+            except MicrosocketError as exc:
+                refused += 1
+                print(f"microsocket.py pub: refused: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+                return
+            print(json.dumps({"messageId": ack.message_id, "status": ack.status, "seqNo": ack.seq_no}), file=out, flush=True)
+
+        if args.data is not None:
+            await publish(args.data, args.message_id)
+        else:
+            loop = asyncio.get_running_loop()
+            source = iter(lines) if lines is not None else None
+            while True:
+                # stdin is read in a thread: a slow pipe must not stop the client's event loop
+                line = next(source, None) if source is not None else await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                line = line.rstrip("\r\n")
+                if line:
+                    await publish(line)
+    return 1 if refused else 0
+
+
+def client_main(argv: list[str]) -> int:
+    """`microsocket.py sub ...` and `microsocket.py pub ...`."""
+    command, rest = argv[0], argv[1:]
+    args = build_client_parser(command).parse_args(rest)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = f"microsocket.py {command}"
+    try:
+        return asyncio.run(run_sub(args) if command == "sub" else run_pub(args))
+    except KeyboardInterrupt:
+        return 0
+    except ConnectionClosed as exc:
+        print(f"{name}: error: the server ended the session: {exc.code} {exc.message}", file=sys.stderr)
+        return 1
+    except (MicrosocketError, OSError, ValueError) as exc:
+        print(f"{name}: error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments and arguments[0] in CLIENT_COMMANDS:
+        return client_main(arguments)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

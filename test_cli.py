@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import microsocket as ms
-from conftest import HERE, SCRIPT, RawClient, child_env, cli, free_port, read_banner, run, setup
+from conftest import HERE, SCRIPT, RawClient, child_env, cli, free_port, http_request, read_banner, run, setup, wait_until
 
 
 @pytest.mark.slow  # a Python subprocess each
@@ -277,3 +277,83 @@ def test_every_conformance_test_names_its_spec_clause():
     for name, fn in tests.items():
         assert clause.match(fn.__doc__ or ""), f"{name}: {(fn.__doc__ or '')[:60]!r}"
     assert kit.pytestmark.name == "conformance"  # the whole file is the kit
+
+
+# -- `sub` and `pub`: the client on the command line
+
+
+def _client_command(*args: str, stdin: str | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def _next_json(lines, timeout: float = 10) -> dict:
+    line = lines.get(timeout=timeout)
+    assert line is not None, "the sub process ended"
+    return json.loads(line)
+
+
+@pytest.mark.slow  # Python subprocesses
+def test_pub_and_sub_on_the_command_line():
+    """`pub TOPIC DATA` and `pub TOPIC` < lines print one ack per message as JSON; `sub` prints each message as
+    one JSON line in order, DATA as JSON when it is JSON, else as a string; a refused publish exits 1 naming the code."""
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws"
+    with cli("--port", str(port), "--log-level", "WARNING") as (server, lines):
+        read_banner(lines)
+        with cli("sub", "prices", "news", "--url", url, "--token", "reader") as (sub, sub_lines):
+            wait_until(lambda: _subscribers(port) == 2, timeout=10)
+            done = _client_command("pub", "prices", '{"btc": 97000}', "--url", url, "--token", "writer")
+            assert done.returncode == 0, done.stderr
+            ack = json.loads(done.stdout)
+            assert ack["status"] == "ok" and ack["seqNo"] == 1
+            done = _client_command("pub", "news", "--url", url, stdin='hello world\n\n[1, 2]\n')
+            assert done.returncode == 0, done.stderr
+            assert [json.loads(line)["seqNo"] for line in done.stdout.splitlines()] == [1, 2]  # the empty line is skipped
+            got = [_next_json(sub_lines) for _ in range(3)]
+            assert got[0]["topic"] == "prices" and got[0]["data"] == {"btc": 97000} and got[0]["messageId"] == ack["messageId"]
+            assert [(m["topic"], m["seqNo"], m["data"]) for m in got[1:]] == [("news", 1, "hello world"), ("news", 2, [1, 2])]
+            refused = _client_command("pub", "bad topic", "x", "--url", url)
+            assert refused.returncode == 1 and "INVALID_TOPIC" in refused.stderr, refused.stderr
+            again = _client_command("pub", "prices", "1", "--url", url, "--message-id", ack["messageId"], "--token", "writer")
+            assert json.loads(again.stdout) == {**ack, "status": "duplicate"}
+
+
+def _subscribers(port: int) -> int:
+    try:
+        response = http_request(f"http://127.0.0.1:{port}/stats")
+    except OSError:
+        return -1  # not listening (yet)
+    return json.loads(response.body)["subscriptions"] if response.status == 200 else -1
+
+
+@pytest.mark.slow  # Python subprocesses, a server restart
+def test_sub_survives_a_server_restart():
+    """`sub` goes on after its server is killed and started again on the same port: it reconnects by
+    itself, says on stderr that the topic's epoch changed, and prints the new epoch's messages."""
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws"
+    with cli("--port", str(port), "--log-level", "WARNING") as (server, lines):
+        read_banner(lines)
+        with cli("sub", "t", "--url", url) as (sub, sub_lines):
+            wait_until(lambda: _subscribers(port) == 1, timeout=10)
+            assert _client_command("pub", "t", "before", "--url", url).returncode == 0
+            first = _next_json(sub_lines)
+            assert (first["seqNo"], first["data"]) == (1, "before")
+            server.kill()
+            server.wait(10)
+            with cli("--port", str(port), "--log-level", "WARNING") as (server2, lines2):
+                read_banner(lines2)
+                wait_until(lambda: _subscribers(port) == 1, timeout=20)  # it came back and subscribed again
+                assert _client_command("pub", "t", "after", "--url", url).returncode == 0
+                second = _next_json(sub_lines, timeout=20)
+                assert (second["seqNo"], second["data"]) == (1, "after") and second["epoch"] != first["epoch"]
+            assert sub.poll() is None  # still running
+    assert any("epoch" in line and "missed" in line for line in sub.stderr_lines), sub.stderr_lines
+
+
+@pytest.mark.slow  # a Python subprocess
+def test_sub_says_why_it_cannot_connect():
+    """`sub` against a port nothing listens on exits 1 with the URL and the reason, without a traceback."""
+    done = _client_command("sub", "t", "--url", f"ws://127.0.0.1:{free_port()}/ws")
+    assert done.returncode == 1 and ("Connect call failed" in done.stderr or "refused" in done.stderr.lower()), done.stderr
+    assert "Traceback" not in done.stderr
