@@ -9021,6 +9021,22 @@ def client_main(argv: list[str]) -> int:
         return 1
 
 
+def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], main: Awaitable[None]) -> None:
+    """asyncio.run on a loop from `loop_factory` (asyncio.Runner does it from Python 3.11 on)."""
+    if hasattr(asyncio, "Runner"):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main)
+        return
+    loop = loop_factory()  # Python 3.10
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments and arguments[0] in CLIENT_COMMANDS:
@@ -9052,8 +9068,7 @@ def main(argv: list[str] | None = None) -> int:
         await Server(config).serve_forever(stop)
 
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(run())
+        run_on(loop_factory, run())
     except ConnectionError as exc:  # an OSError too: Redis, not the listening socket
         print(f"microsocket.py: error: {exc}", file=sys.stderr)
         return 1
