@@ -451,6 +451,15 @@ def parse_header(
     permessage-deflate was negotiated, so RSV1 may be set on a data frame (whether that frame may
     start a message is the connection's to check).
     """
+    fields = header_fields(data, pos, max_size, deflate)
+    return None if fields is None else FrameHeader(*fields)
+
+
+def header_fields(
+    data: bytes | bytearray, pos: int = 0, max_size: int | None = None, deflate: bool = False
+) -> tuple[bool, int, bytes | None, int, int, bool] | None:
+    """`parse_header` as a plain tuple, in FrameHeader's order: the connection reads every frame
+    with this, since making a NamedTuple costs a Python call (more than the rest of the header)."""
     available = len(data) - pos
     if available < 2:
         return None
@@ -470,13 +479,13 @@ def parse_header(
     opcode = b0 & 0x0F
     if opcode not in _KNOWN_OPCODES:
         raise ProtocolError(f"unknown opcode {opcode:#x}")
-    fin = bool(b0 & 0x80)
+    fin = (b0 & 0x80) != 0
     length = b1 & 0x7F
     size = 2
     if length == 126:
         if available < 4:
             return None
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        length = (data[pos + 2] << 8) | data[pos + 3]  # 16 bits, network byte order
         size = 4
     elif length == 127:
         if available < 10:
@@ -498,7 +507,7 @@ def parse_header(
             return None
         mask = bytes(data[pos + size : pos + size + 4])
         size += 4
-    return FrameHeader(fin, opcode, mask, length, size, bool(b0 & 0x40))
+    return fin, opcode, mask, length, size, (b0 & 0x40) != 0
 
 
 _KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
@@ -1374,40 +1383,42 @@ class WebSocketConnection:
                 if end - pos < 2:
                     break  # not even the start of a header: usually the end of what arrived
                 frames -= 1
-                header = parse_header(buf, pos, self._frame_limit, deflate)
-                if header is None:
+                fields = header_fields(buf, pos, self._frame_limit, deflate)
+                if fields is None:
                     break
-                if header.mask is None:
+                fin, opcode, mask, length, size, rsv1 = fields
+                if mask is None:
                     # §5.1: "The server MUST close the connection upon receiving a frame that is
                     # not masked."
                     raise ProtocolError("client frames must be masked")
-                if header.opcode >= 8:
-                    if end - pos < header.size + header.length:
+                if opcode >= 8:
+                    if end - pos < size + length:
                         break  # control frames are at most 125 bytes: wait for the whole frame
-                    start = pos + header.size
-                    pos = start + header.length
-                    self._control(header.opcode, apply_mask(buf[start:pos], header.mask), messages)
+                    start = pos + size
+                    pos = start + length
+                    self._control(opcode, apply_mask(buf[start:pos], mask), messages)
                     continue
-                if (
-                    header.fin and header.opcode != OP_CONT and not header.rsv1 and not self._message_opcode
-                    and self.state == OPEN and end - pos >= header.size + header.length
-                ):
+                if fin and opcode != OP_CONT and not rsv1 and not self._message_opcode and self.state == OPEN and end - pos >= size + length:
                     # The common case: a whole message in one frame, and all of it has arrived.
-                    # parse_header checked its size; there is no fragment state to keep.
-                    start = pos + header.size
-                    pos = start + header.length
-                    payload = apply_mask(buf[start:pos], header.mask)
-                    if header.opcode == OP_TEXT:
+                    # header_fields checked its size against the frame limit, which with
+                    # permessage-deflate is a compressed message's: a plain one has the message's.
+                    if length > self.max_message_size:
+                        raise PayloadTooBig(f"message over the {self.max_message_size}-byte limit")
+                    start = pos + size
+                    pos = start + length
+                    payload = apply_mask(buf[start:pos], mask)
+                    if opcode == OP_TEXT:
                         try:
                             payload = payload.decode()
                         except UnicodeDecodeError:
                             raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None  # §8.1
-                    messages.append((header.opcode, payload))
+                    messages.append((opcode, payload))
                     continue
+                header = FrameHeader(*fields)  # kept while its payload arrives, maybe over several reads
                 self._start_frame(header)
-                pos += header.size
+                pos += size
                 self._header = header
-                self._remaining = header.length
+                self._remaining = length
                 self._offset = 0
             # Payload of a data frame: take what has arrived, however little.
             take = min(self._remaining, end - pos)
