@@ -804,10 +804,8 @@ class Inflater:
 # takes bytes and yields complete requests; it never reads from a socket.
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2 token
-_REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) HTTP/(\d)\.(\d)\Z")
-# Controls other than tab, CR and LF (RFC 9110 §5.5: a field value holds no control characters).
-# CR and LF are allowed only as CRLF pairs: a bare one could smuggle a header.
-_BAD_HEAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) HTTP/(\d\.\d)\Z")
+_HTTP_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}  # the usual ones, without an int() per digit
 
 
 @dataclasses.dataclass
@@ -849,21 +847,25 @@ class Request:
         return "keep-alive" in connection
 
 
-def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
+def parse_request_head(head: bytes | bytearray, max_headers: int = MAX_HEADERS) -> Request:
     """Parse a request line and headers (without the final blank line); raise HTTPError."""
     try:
         text = head.decode("ascii")
     except UnicodeDecodeError:
         # RFC 9110 §5.5: field values are ASCII in practice; anything else is refused, not guessed.
         raise HTTPError(400, "request head is not ASCII") from None
-    if _BAD_HEAD_CHAR.search(text) or not text.count("\r") == text.count("\n") == text.count("\r\n"):
+    # RFC 9110 §5.5: a field value holds no control characters, tab aside. CR and LF are allowed
+    # only as CRLF pairs (a bare one could smuggle a header): once the pairs are taken out, what
+    # is left must be printable ASCII, and tabs.
+    flat = text.replace("\r\n", "")
+    if not flat.isprintable() and not flat.replace("\t", "").isprintable():
         raise HTTPError(400, "control character in the request head")
     lines = text.split("\r\n")
     match = _REQUEST_LINE.match(lines[0])
     if not match:
         raise HTTPError(400, "malformed request line")
-    method, target, major, minor = match.groups()
-    version = (int(major), int(minor))
+    method, target, version_text = match.groups()
+    version = _HTTP_VERSIONS.get(version_text) or (int(version_text[0]), int(version_text[2]))
     if version[0] != 1:
         raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     if not target.startswith("/"):
@@ -879,20 +881,28 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     if len(lines) - 1 > max_headers:
         raise HTTPError(431, f"more than {max_headers} header lines")
     headers = []
+    fields: dict[str, list[str]] = {}  # built here, where the lines are read, not again by Request
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.match(name):
+        # A name of letters, digits and dashes (nearly every one) needs no regex to be a token.
+        if not colon or not (name.replace("-", "").isalnum() or _TOKEN.match(name)):
             # RFC 9112 §5.2: obsolete line folding and whitespace before the colon are rejected.
             raise HTTPError(400, "malformed header line")
-        headers.append((name.lower(), value.strip(" \t")))
-    hosts = sum(1 for name, _ in headers if name == "host")
+        name = name.lower()
+        value = value.strip(" \t")
+        headers.append((name, value))
+        if name in fields:
+            fields[name].append(value)
+        else:
+            fields[name] = [value]
+    hosts = len(fields.get("host", ()))
     if hosts > 1 or (hosts == 0 and version >= (1, 1)):
         # RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
         # HTTP/1.1 request message that lacks a Host header field and to any request message that
         # contains more than one Host header field line".
         raise HTTPError(400, "a request needs exactly one Host header")
     path, _, query = target.partition("?")
-    return Request(method, target, path, query, version, headers)
+    return Request(method, target, path, query, version, headers, fields=fields)
 
 
 class RequestReader:
@@ -918,16 +928,18 @@ class RequestReader:
 
     def next_request(self) -> Request | None:
         if self._pending is None:
-            while self.buffer[:2] == b"\r\n":
+            while self.buffer.startswith(b"\r\n"):
                 del self.buffer[:2]  # RFC 9112 §2.2: "SHOULD ignore at least one empty line" before a request
             end = self.buffer.find(b"\r\n\r\n", 0, self.max_head_size + 4)
             if end < 0:
                 if len(self.buffer) > self.max_head_size:
                     raise HTTPError(431, f"request head over {self.max_head_size} bytes")
                 return None
-            request = parse_request_head(bytes(self.buffer[:end]))
+            request = parse_request_head(self.buffer[:end])
             del self.buffer[: end + 4]
             self._body_length = self._content_length(request)
+            if not self._body_length:
+                return request  # no body: a GET, an upgrade
             self._pending = request
             if len(self.buffer) < self._body_length and request.version >= (1, 1):
                 self.expects_continue = "100-continue" in request.tokens("expect")
@@ -939,11 +951,12 @@ class RequestReader:
         return request
 
     def _content_length(self, request: Request) -> int:
-        if request.header("transfer-encoding") is not None:
+        fields = request.fields
+        if "transfer-encoding" in fields:
             raise HTTPError(411, "Transfer-Encoding is not supported: send a Content-Length")
-        values = {v.strip() for k, v in request.headers if k == "content-length"}
-        if not values:
+        if "content-length" not in fields:
             return 0
+        values = {v.strip() for v in fields["content-length"]}
         if len(values) > 1 or not next(iter(values)).isdigit():
             raise HTTPError(400, "invalid Content-Length")
         length = int(values.pop())

@@ -76,6 +76,15 @@ def test_parse_request_head_errors(head, status):
     assert info.value.status == status
 
 
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\r", "\nX: smuggled", "a\x7fb", "a\x00b", "a\x1bb", "a\r\r\nb"])
+def test_parse_request_head_refuses_control_characters(value):
+    """A bare CR or LF (a smuggled header), DEL or any other control character but tab is 400; tabs are kept."""
+    with pytest.raises(ms.HTTPError) as info:
+        ms.parse_request_head(f"GET / HTTP/1.1\r\nHost: x\r\nX-A: {value}".encode())
+    assert info.value.status == 400 and "control character" in info.value.message
+    assert ms.parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nX-A:\ta\tb\t").header("x-a") == "a\tb"
+
+
 def test_parse_request_head_max_headers_is_allowed():
     """Exactly MAX_HEADERS header lines are accepted."""
     head = b"GET / HTTP/1.1\r\nHost: x" + b"\r\nX: y" * (ms.MAX_HEADERS - 1)
