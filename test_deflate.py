@@ -1563,3 +1563,16 @@ def test_e2e_websockets_factories_interoperate(server_factory, wsclient, pmd, op
             assert all(rsv1 for op, rsv1, _ in log.sent if op == ms.Opcode.TEXT)
 
     run(main())
+
+
+def test_connection_plain_message_keeps_the_message_limit_with_deflate():
+    """With permessage-deflate agreed, a frame limit wide enough for a compressed message of the limit
+    does not widen the limit of a plain one: a whole plain message one byte over it is 1009, at the limit it is delivered."""
+    for size, accepted in ((LIMIT, True), (LIMIT + 1, False)):
+        conn = deflate_conn(max_message_size=LIMIT)
+        events = conn.receive_data(masked(ms.Opcode.BINARY, bytes(size)))
+        if accepted:
+            assert events == [(ms.Opcode.BINARY, bytes(size))]
+        else:
+            assert events == []
+            assert_failed(conn, 1009)
