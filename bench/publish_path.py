@@ -144,7 +144,8 @@ class BrokerRig:
 
     def connect(self, token: str, bound_topic: str | None) -> tuple[Any, Any]:
         ms = self.ms
-        client = ms.Peer(self.broker, bound_topic=bound_topic)
+        peer_class = getattr(ms, "Peer", None) or ms.Client  # named Client before the Python client came
+        client = peer_class(self.broker, bound_topic=bound_topic)
         self.broker.connect(client)
         conn = ms.WebSocketConnection(self.config.max_message_size)
         self.feed((client, conn), client_frame(ms, json.dumps({"type": "setup", "token": token}), self.rng))
