@@ -218,6 +218,7 @@ class DeferredBackbone:
     the inner backbone at once and in order (one pipelined connection keeps order too)."""
 
     ANSWERED = frozenset(("publish", "join", "history", "create_session", "get_session", "claim_session", "presence"))
+    answers_at_once = False  # not the inner backbone's: this one answers later
 
     def __init__(self, inner: ms.MemoryBackbone, schedule: Callable[[Callable[[], None]], None], split: bool) -> None:
         self.inner = inner

@@ -516,10 +516,11 @@ _KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR `data` with the 4-byte `mask` repeated (RFC 6455 §5.3), as one big-integer operation."""
     n = len(data)
-    if not n:
-        return b""
-    key = mask * ((n >> 2) + 1)
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(n, "little")
+    key = mask * ((n + 3) >> 2)
+    return (_from_bytes(data, "little") ^ _from_bytes(key[:n], "little")).to_bytes(n, "little")
+
+
+_from_bytes = int.from_bytes  # one name to look up, not two: apply_mask runs on every client frame
 
 
 def serialize_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None, rsv1: bool = False) -> bytes:
@@ -1396,6 +1397,28 @@ class WebSocketConnection:
                 if end - pos < 2:
                     break  # not even the start of a header: usually the end of what arrived
                 frames -= 1
+                if buf[pos] == 0x81 and self.state == OPEN and not self._message_opcode:
+                    # The common case, read here without header_fields: a whole text message in
+                    # one masked frame (FIN, no RSV bit, opcode 1) with a 7- or 16-bit length, all
+                    # of it arrived and within the message limit. Anything else, including every
+                    # error, takes the general way below.
+                    b1 = buf[pos + 1]
+                    if 0x80 <= b1 < 0xFE:
+                        length = b1 & 0x7F
+                        start = pos + 6
+                    elif b1 == 0xFE and end - pos >= 4:
+                        length = (buf[pos + 2] << 8) | buf[pos + 3]
+                        start = pos + 8
+                    else:
+                        length = start = end + 1  # not this case
+                    if start + length <= end and length <= self.max_message_size:
+                        mask = buf[start - 4 : start]
+                        pos = start + length
+                        try:
+                            messages.append((OP_TEXT, apply_mask(buf[start:pos], mask).decode()))
+                        except UnicodeDecodeError:
+                            raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None  # §8.1
+                        continue
                 fields = header_fields(buf, pos, self._frame_limit, deflate)
                 if fields is None:
                     break
@@ -3173,6 +3196,9 @@ class Backbone(Protocol):
     order the backbone keeps. Deliveries go to the broker bound with `bind`."""
 
     epoch: str  # the sequence space as a whole: one process start, or one Redis deployment
+    # True only if publish() always calls done() before it returns and before it delivers the
+    # message: the broker then sends the ack as it comes instead of reserving its place first.
+    answers_at_once: bool = False
 
     def bind(self, broker: Broker) -> None:
         """Deliver what is published to `broker.deliver`, take-overs to `broker.take_over`."""
@@ -3446,6 +3472,7 @@ class Broker:
     ) -> None:
         self.config = config
         self.backbone = backbone
+        self._answers_at_once = getattr(backbone, "answers_at_once", False)
         self.wake = wake
         self.clock = clock
         self.auth = Auth(config)
@@ -3879,13 +3906,18 @@ class Broker:
 
         return done
 
-    def _fail(self, client: Peer, slot: Slot, request: dict, exc: Exception) -> None:
-        """Fill `slot` with the error reply for `exc` (INTERNAL_ERROR for anything unexpected)."""
+    def _fail(self, client: Peer, slot: Slot | None, request: dict, exc: Exception) -> None:
+        """Fill `slot` with the error reply for `exc` (INTERNAL_ERROR for anything unexpected);
+        no slot: the request is being answered at once, so the reply is sent."""
         if not isinstance(exc, ClientError):
             log.error("unexpected failure completing a request", exc_info=exc)
             exc = ClientError("INTERNAL_ERROR", "the server failed to handle this message")
         self.errors[exc.code] += 1
-        client.fill(slot, [_error_frame(exc, request.get("id"))])
+        frame = _error_frame(exc, request.get("id"))
+        if slot is None:
+            client.send(frame)
+        else:
+            client.fill(slot, [frame])
 
     @staticmethod
     def _frame(request: dict, reply: dict) -> bytes:
@@ -4005,7 +4037,9 @@ class Broker:
                 )
             client.rate_tokens = tokens - 1.0
         data = self._payload(topic, message_id, msg.get("payload"))
-        slot = self._reserve(client)
+        # The ack's place in the stream is reserved, unless the backbone answers a publish before
+        # its call returns and before it delivers anything (memory): then the ack is simply sent.
+        slot = None if self._answers_at_once else self._reserve(client)
 
         def acked(result: PublishResult | ClientError) -> None:  # the one completion of a publish: on its hot path
             if client.broker is not self:
@@ -4014,7 +4048,11 @@ class Broker:
                 if result.__class__ is not PublishResult:
                     raise result
                 self._count(result)
-                client.fill(slot, [ack_frame(message_id, result.status, result.seq_no, msg.get("id"))])
+                frame = ack_frame(message_id, result.status, result.seq_no, msg.get("id"))
+                if slot is None:
+                    client.send(frame)
+                else:
+                    client.fill(slot, [frame])
             except Exception as exc:
                 self._fail(client, slot, msg, exc)
 
@@ -4458,6 +4496,7 @@ class MemoryBackbone:
         self.config = config
         self.clock = clock
         self.epoch = secrets.token_hex(4)  # a fresh sequence space per process start
+        self.answers_at_once = True  # publish: done(), then deliver(), all within the call
         self.broker: Broker | None = None
         self.dedup = Dedup(config.dedup_window, config.dedup_per_user, config.dedup_total, clock)
         self.retained = History(config.history_messages, config.history_age, config.history_bytes, clock)
