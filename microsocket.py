@@ -3913,7 +3913,11 @@ class Broker:
             log.error("unexpected failure completing a request", exc_info=exc)
             exc = ClientError("INTERNAL_ERROR", "the server failed to handle this message")
         self.errors[exc.code] += 1
-        frame = _error_frame(exc, request.get("id"))
+        self._answer_in(client, slot, _error_frame(exc, request.get("id")))
+
+    @staticmethod
+    def _answer_in(client: Peer, slot: Slot | None, frame: bytes) -> None:
+        """The reply goes in its reserved place, or, with none reserved, out now."""
         if slot is None:
             client.send(frame)
         else:
@@ -4048,11 +4052,7 @@ class Broker:
                 if result.__class__ is not PublishResult:
                     raise result
                 self._count(result)
-                frame = ack_frame(message_id, result.status, result.seq_no, msg.get("id"))
-                if slot is None:
-                    client.send(frame)
-                else:
-                    client.fill(slot, [frame])
+                self._answer_in(client, slot, ack_frame(message_id, result.status, result.seq_no, msg.get("id")))
             except Exception as exc:
                 self._fail(client, slot, msg, exc)
 
