@@ -1043,25 +1043,40 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
 
 
+def _has_token(values: list[str] | None, token: str) -> bool:
+    """Whether comma-separated header lines hold `token` (lower case), compared case-insensitively."""
+    if values is None:
+        return False
+    for value in values:
+        if value.lower() == token:  # the usual header: one token alone, no list to split
+            return True
+        if token in (t.strip().lower() for t in value.split(",")):
+            return True
+    return False
+
+
 def check_handshake(request: Request) -> str:
-    """Check an upgrade request (§4.2.1); return its Sec-WebSocket-Key or raise HTTPError."""
-    if "websocket" not in request.tokens("upgrade"):
+    """Check an upgrade request (§4.2.1); return its Sec-WebSocket-Key or raise HTTPError.
+    Each header is looked up once, in the parsed fields (this runs for every connection)."""
+    fields = request.fields
+    if not _has_token(fields.get("upgrade"), "websocket"):
         # A browser opening the URL as a page lands here: tell it which protocol to speak.
         raise HTTPError(426, "this endpoint speaks WebSocket", _UPGRADE_REQUIRED)
     if request.method != "GET":
         raise HTTPError(405, "a WebSocket handshake is a GET", [("Allow", "GET")])
     if request.version < (1, 1):
         raise HTTPError(400, "a WebSocket handshake needs HTTP/1.1")
-    if "upgrade" not in request.tokens("connection"):
+    if not _has_token(fields.get("connection"), "upgrade"):
         raise HTTPError(400, "Connection header must contain 'upgrade'")
-    if request.header("host") is None:
+    if "host" not in fields:
         raise HTTPError(400, "missing Host header")
-    if request.header("sec-websocket-version") != "13" or request.header_count("sec-websocket-version") != 1:
+    if fields.get("sec-websocket-version") != ["13"]:
         # §4.2.2: "...it MUST abort the handshake... and include Sec-WebSocket-Version: 13".
         raise HTTPError(426, "unsupported WebSocket version: use 13", _UPGRADE_REQUIRED)
-    key = request.header("sec-websocket-key")
-    if key is None or request.header_count("sec-websocket-key") != 1:
+    keys = fields.get("sec-websocket-key")
+    if keys is None or len(keys) != 1:
         raise HTTPError(400, "missing or repeated Sec-WebSocket-Key")
+    key = keys[0]
     try:
         raw = base64.b64decode(key.encode(), validate=True)
     except (ValueError, UnicodeEncodeError):
@@ -1081,16 +1096,17 @@ def select_subprotocol(request: Request) -> str | None:
 
 _SWITCHING = (
     f"HTTP/1.1 101 Switching Protocols\r\nServer: microsocket/{__version__}\r\nUpgrade: websocket\r\n"
-    "Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n"
-)
+    "Connection: Upgrade\r\nSec-WebSocket-Accept: "
+).encode()
 
 
 def handshake_response(key: str, subprotocol: str | None = None, extensions: str | None = None) -> bytes:
-    """The 101 response that completes the handshake (a template: it is on every connection's path)."""
+    """The 101 response that completes the handshake (built as bytes: it is on every connection's path)."""
+    accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest())  # accept_key(key), as bytes
     selected = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     if extensions:
         selected += f"Sec-WebSocket-Extensions: {extensions}\r\n"
-    return _SWITCHING.format(accept_key(key), selected).encode()
+    return b"".join((_SWITCHING, accept, b"\r\n", selected.encode(), b"\r\n"))
 
 
 # -- permessage-deflate negotiation (RFC 7692 §5-§7)
@@ -6564,6 +6580,13 @@ class App:
             self.routes.append((re.compile(r"/demo/publish/(?P<topic>.+)\Z"), ("GET",), self.demo_publish))
         if config.echo:
             self.routes.append((re.compile(r"/echo\Z"), get, self.echo))
+        # A fixed path (/ws above all, on every connection's way in) is found with one dict lookup;
+        # only the paths with a parameter are matched against their patterns, in order.
+        self._fixed = {
+            re.sub(r"\\(.)", r"\1", pattern.pattern.removesuffix("\\Z")): (pattern, methods, handler)
+            for pattern, methods, handler in self.routes if not pattern.groupindex
+        }
+        self._parameterised = [route for route in self.routes if route[0].groupindex]
 
     def _load_docs(self) -> bytes:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs.html")
@@ -6585,7 +6608,8 @@ class App:
             return error_response(HTTPError(500, "internal server error"))
 
     def _route(self, request: Request) -> tuple[Callable[..., Any], dict]:
-        for pattern, methods, handler in self.routes:
+        fixed = self._fixed.get(request.path)
+        for pattern, methods, handler in (fixed,) if fixed is not None else self._parameterised:
             match = pattern.match(request.path)
             if match is None:
                 continue

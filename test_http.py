@@ -271,6 +271,46 @@ def test_handshake_accepts_token_lists_any_case(changes):
     assert ms.check_handshake(handshake_request(**changes)) == RFC_WS_KEY
 
 
+@pytest.mark.parametrize(
+    "extra, status",
+    [
+        ("Connection: keep-alive\r\nConnection: Upgrade", None),  # the token may be on any of the lines
+        ("Upgrade: h2c\r\nUpgrade: websocket", None),
+        ("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13", 426),  # §4.2.1: one version, not a list
+        (f"Sec-WebSocket-Key: {RFC_WS_KEY}\r\nSec-WebSocket-Key: {RFC_WS_KEY}", 400),
+    ],
+)
+def test_handshake_reads_repeated_header_lines(extra, status):
+    """Repeated Connection and Upgrade lines are one token list; a repeated Sec-WebSocket-Version or
+    Sec-WebSocket-Key is refused even when both lines are valid."""
+    names = {line.split(":")[0] for line in extra.split("\r\n")}
+    base = [("Host", "x"), ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", RFC_WS_KEY), ("Sec-WebSocket-Version", "13")]
+    lines = ["GET /ws HTTP/1.1"] + [f"{k}: {v}" for k, v in base if k not in names] + [extra]
+    request = ms.parse_request_head("\r\n".join(lines).encode())
+    if status is None:
+        assert ms.check_handshake(request) == RFC_WS_KEY
+    else:
+        with pytest.raises(ms.HTTPError) as info:
+            ms.check_handshake(request)
+        assert info.value.status == status
+
+
+def test_route_fixed_paths_and_parameters():
+    """Every fixed path routes to its own handler by dict lookup, parameterised paths by their pattern,
+    and a fixed path with something after it is not taken for the fixed one."""
+    app = BrokerDriver(echo=True).app()
+    for pattern, methods, handler in app.routes:
+        if not pattern.groupindex:
+            path = pattern.pattern.removesuffix("\\Z").replace("\\", "")
+            assert app._route(ms.Request(methods[0], path, path, "", (1, 1), []))[0] == handler
+    found, params = app._route(ms.Request("GET", "/ws/sub/a", "/ws/sub/a", "", (1, 1), []))
+    assert found == app.websocket_sub and params == {"topic": "a"}
+    for path in ("/wsx", "/ws/", "/docs/x", "/nowhere"):
+        with pytest.raises(ms.HTTPError) as info:
+            app._route(ms.Request("GET", path, path, "", (1, 1), []))
+        assert info.value.status == 404, path
+
+
 def test_handshake_101_response():
     """The 101 carries Upgrade, Connection and the RFC's accept value, no extension although one was offered, and
     Sec-WebSocket-Protocol: microsocket.v1 only when the client offered it (never another offered subprotocol)."""
