@@ -1775,10 +1775,18 @@ _MESSAGE_OVERHEAD = len('{"type":"message","topic":,"seqNo":,"messageId":,"data"
 def message_frame(topic: str, seq: int, message_id: str, data: bytes, signature: tuple[str, str] | None = None) -> bytes:
     """The frame of one published message: built once, sent to every subscriber, kept in history
     (so replay and resume send the same bytes, signature included). `signature` is (kid, sig)."""
-    head = utf8(f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":')
-    if signature is None:
-        return serialize_frame(OP_TEXT, b"".join((head, data, b"}")))
-    tail = utf8(f',"kid":{_quote(signature[0])},"sig":"{signature[1]}"}}')
+    head = f'{{"type":"message","topic":{_quote(topic)},"seqNo":{seq},"messageId":{_quote(message_id)},"data":'
+    try:
+        head = head.encode()
+    except UnicodeEncodeError:
+        head = utf8(head)
+    tail = b"}" if signature is None else utf8(f',"kid":{_quote(signature[0])},"sig":"{signature[1]}"}}')
+    n = len(head) + len(data) + len(tail)
+    # The frame header written here for the usual sizes (FIN, TEXT, unmasked: serialize_frame's).
+    if n < 126:
+        return b"".join((bytes((0x80 | OP_TEXT, n)), head, data, tail))
+    if n < 65536:
+        return b"".join((bytes((0x80 | OP_TEXT, 126, n >> 8, n & 0xFF)), head, data, tail))
     return serialize_frame(OP_TEXT, b"".join((head, data, tail)))
 
 
@@ -4038,7 +4046,7 @@ class Broker:
         self._reply(client, msg, {"type": "unsubscribed", "topic": topic})
 
     def _publish(self, client: Peer, msg: dict) -> None:
-        topic = self._topic_of(client, msg, locked=False)
+        topic = check_topic(msg.get("topic"), self.config.max_topic_length)  # not locked: a sub-socket may publish anywhere
         message_id = self.check_message_id(msg.get("messageId"), topic)
         if client.grants is not None and not client.grants.can_write(topic):
             raise _acl_denied("write", topic, messageId=message_id)
@@ -4558,7 +4566,9 @@ class MemoryBackbone:
         if seq is not None:
             done(PublishResult("duplicate", message_id, seq, 0))
             return
-        epoch = self._topic(topic, now)
+        epoch = self._epochs.get(topic)
+        if epoch is None or topic not in self._joined:  # else a topic in use here: nothing to note
+            epoch = self._topic(topic, now)
         seq = self._seq[topic] = self._seq[topic] + 1
         signing = self.signing
         frame = message_frame(topic, seq, message_id, data, sign_canonical(signing, topic, seq, message_id, data) if signing else None)

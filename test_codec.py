@@ -7,6 +7,7 @@ Byte-level tests use RFC 6455's own examples (masked "Hello" with key 37 fa 21 3
 from __future__ import annotations
 
 import ast
+import json
 import os
 import random
 import sys
@@ -81,6 +82,23 @@ def test_serialize_frame_length_edges(length, header_size, mask):
     assert len(wire) == size + length
     assert ms.parse_header(wire).size == size
     assert ms.Frame.parse(wire) == (ms.Frame(True, ms.Opcode.BINARY, payload), len(wire))
+
+
+@pytest.mark.parametrize("frame_length", [125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("signed", [False, True])
+def test_message_frame_header_at_every_length_form(frame_length, signed):
+    """message_frame writes its own header for 7- and 16-bit lengths: at each side of 126 and 65536
+    the frame parses whole, FIN and TEXT, and holds the message's JSON (data, signature)."""
+    signature = ("k1", "c2ln") if signed else None
+    empty = len(ms.message_frame("t", 7, "m", b'""', signature)) - 2  # the payload with data "" (a 2-byte header)
+    data = b'"' + b"a" * (frame_length - empty) + b'"'
+    wire = ms.message_frame("t", 7, "m", data, signature)
+    frame, used = ms.Frame.parse(wire)
+    assert used == len(wire) and frame.fin and frame.opcode == ms.Opcode.TEXT
+    assert len(frame.payload) == frame_length
+    message = json.loads(frame.payload)
+    assert message["data"] == data[1:-1].decode() and message["seqNo"] == 7
+    assert (message.get("kid"), message.get("sig")) == (signature or (None, None))
 
 
 @pytest.mark.parametrize("length", [0, 5, 126, 65536])
