@@ -4904,7 +4904,19 @@ class RespParser:
                     return NEED_MORE
                 kind = line[0]
                 rest = line[1:]
-                if kind in _BLOBS:
+                if kind == 0x24 and rest.isdigit() and len(rest) < 10 and (n := int(rest)) <= self.max_bulk:
+                    # The usual reply: a bulk string (with a plain length), taken here when all of
+                    # it has arrived; anything else about it goes the general way below.
+                    buf = self._buf
+                    pos = self._pos
+                    if len(buf) - pos < n + 2:
+                        self._bulk = (kind, n)
+                        continue
+                    if buf[pos + n : pos + n + 2] != b"\r\n":
+                        raise RespError("bulk string not followed by CRLF")
+                    value = bytes(buf[pos : pos + n])
+                    self._pos = self._scan = pos + n + 2
+                elif kind in _BLOBS:
                     n = self._length(rest, kind == 0x24, self.max_bulk, "bulk string")  # $ may be null
                     if n < 0:
                         value = None
