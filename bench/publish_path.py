@@ -25,6 +25,14 @@ sessions, dedup and the latency figures on, the publish rate limit off. Scenario
            each (shuffled), user B the same ids once, one subscriber; a repeat is acked
            "duplicate" and not delivered. "Per publish" is per ack.
 
+--redis (server only) puts the server on a Redis backbone: a fresh `redis-server` (no persistence)
+on a free port, stopped by its PID afterwards; each publish is then one EVALSHA round trip and its
+delivery comes back over the subscriber link. Redis's own CPU per publish is read from /proc and
+shown beside the server's, and the wall time per publish too (with --topics 1 --window 1, that is
+the round trip: publish in, ack out). --split (with --redis) is the fan-out that arrives from
+Redis: the publishers connect to a second gateway in a child process (its CPU is not counted), the
+subscribers to the measured one, which then only delivers.
+
 --batch (broker only) is how many publishes of each publisher one read delivers before the
 turn's flush, as when a client pipelines them into one TCP segment.
 
@@ -40,6 +48,9 @@ cancels start-up, so the figure hardly moves with the machine's load.
   python3 bench/publish_path.py --scenario dedup
   python3 bench/publish_path.py --topics 100 --subscribers 10 --batch 16
   python3 bench/publish_path.py --via server --topics 4 --window 16
+  python3 bench/publish_path.py --via server --redis --topics 4 --window 16   # through Redis
+  python3 bench/publish_path.py --via server --redis --topics 1 --window 1    # one round trip at a time
+  python3 bench/publish_path.py --via server --redis --split --subscribers 10 # a process that only delivers
   python3 bench/publish_path.py --profile
   python3 bench/publish_path.py --callgrind --publishes 4000
   git show main:microsocket.py > /tmp/old.py && python3 bench/publish_path.py --module /tmp/old.py --module microsocket.py
@@ -54,6 +65,7 @@ import cProfile
 import gc
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -191,10 +203,67 @@ class BrokerRig:
 
 
 class Cpu(NamedTuple):
-    """CPU seconds per publish: user + system, and the system part (syscalls, loopback TCP)."""
+    """CPU seconds per publish: user + system, and the system part (syscalls, loopback TCP); with
+    --via server also Redis's CPU (--redis) and the wall time, per publish."""
 
     total: float
     system: float
+    redis: float = 0.0
+    wall: float = 0.0
+
+
+RUN_NUMBERS = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Until something accepts on 127.0.0.1:port; SystemExit if `proc` exits first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port} after {timeout:.0f} s")
+
+
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A throw-away redis-server on a free port: no RDB, no AOF. Stopped by its PID (stop_redis)."""
+    binary = shutil.which(os.environ.get("REDIS_SERVER", "redis-server"))
+    if binary is None:
+        raise SystemExit("--redis needs redis-server (apt-get install redis-server, or REDIS_SERVER=path)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    asyncio.run(wait_listening(port, proc))
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def redis_cpu(args: argparse.Namespace) -> float:
+    """CPU seconds the Redis of --redis has used so far (/proc/PID/stat utime + stime); 0 without one."""
+    if args.redis_proc is None:
+        return 0.0
+    with open(f"/proc/{args.redis_proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu(start: Any, end: Any, publishes: int) -> Cpu:
@@ -237,10 +306,22 @@ def server_once(ms: ModuleType, args: argparse.Namespace, profile: cProfile.Prof
     """CPU seconds (this process: the server) per publish, from the client's first publish to its last ack."""
 
     async def main() -> Cpu:
-        server = ms.Server(ms.Config(port=0, publish_rate=0))
+        # Each run on Redis under keys of its own: the runs send the same messageIds, which an earlier
+        # run's dedup entries would answer "duplicate" (and never deliver).
+        prefix = f"bench{next(RUN_NUMBERS)}:"
+        server = ms.Server(ms.Config(port=0, publish_rate=0, redis=args.redis_url, redis_prefix=prefix))
         await server.start()
+        client_args = ["--client", str(server.port)]
+        publisher_gateway = None
+        if args.split:
+            pub_port = free_port()
+            publisher_gateway = subprocess.Popen(
+                [sys.executable, ms.__file__, "--port", str(pub_port), "--redis", args.redis_url, "--redis-prefix", prefix, "--publish-rate", "0", "--log-level", "ERROR"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await wait_listening(pub_port, publisher_gateway)
+            client_args += ["--pub-port", str(pub_port)]
         child = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--client", str(server.port), "--publishes", str(args.publishes), *scenario_args(args),
+            sys.executable, __file__, *client_args, "--publishes", str(args.publishes), *scenario_args(args),
             stdout=asyncio.subprocess.PIPE,
         )
         try:
@@ -250,8 +331,10 @@ def server_once(ms: ModuleType, args: argparse.Namespace, profile: cProfile.Prof
             if profile is not None:
                 profile.enable()
             start = resource.getrusage(resource.RUSAGE_SELF)
+            redis_start, wall_start = redis_cpu(args), time.monotonic()
             line = await asyncio.wait_for(child.stdout.readline(), 600)
             end = resource.getrusage(resource.RUSAGE_SELF)
+            redis_end, wall_end = redis_cpu(args), time.monotonic()
             if profile is not None:
                 profile.disable()
             if not line.startswith(b"done"):
@@ -261,11 +344,14 @@ def server_once(ms: ModuleType, args: argparse.Namespace, profile: cProfile.Prof
             if child.returncode is None:
                 child.kill()
             await child.wait()
+            if publisher_gateway is not None:
+                publisher_gateway.terminate()
+                publisher_gateway.wait(10)
             await server.close(grace=1)
         stats = server.broker.stats()
         if sum(stats["errors"].values()):
             raise SystemExit(f"errors: {stats['errors']}")
-        return cpu(start, end, count)
+        return cpu(start, end, count)._replace(redis=(redis_end - redis_start) / count, wall=(wall_end - wall_start) / count)
 
     return asyncio.run(main())
 
@@ -338,7 +424,7 @@ def client_main(port: int, args: argparse.Namespace) -> None:
         subs.append(s)
     pubs = []
     for token in publishers:
-        s = RawSocket(port, "/ws")
+        s = RawSocket(args.pub_port or port, "/ws")
         s.sock.sendall(client_frame(ms, json.dumps({"type": "setup", "token": token}), rng))
         pubs.append(s)
     for s in subs:
@@ -447,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-callgrind", metavar="PREFIX", help="--callgrind: keep the two output files as PREFIX.N (for callgrind_annotate)")
     parser.add_argument("--json", action="store_true", help="one JSON line per module instead of text")
     parser.add_argument("--prepare", type=int, default=0, help=argparse.SUPPRESS)  # --callgrind: frames made for this many
+    parser.add_argument("--redis", action="store_true", help="server: on a Redis backbone (a fresh redis-server on a free port); Redis's CPU is shown too")
+    parser.add_argument("--split", action="store_true", help="--redis: publishers on a second gateway (a child process), so the measured one only delivers")
     parser.add_argument("--client", type=int, default=None, help=argparse.SUPPRESS)  # the child of --via server
+    parser.add_argument("--pub-port", type=int, default=None, help=argparse.SUPPRESS)  # the child's publishers' port (--split)
     return parser
 
 
@@ -458,6 +547,17 @@ def main(argv: list[str] | None = None) -> int:
         client_main(args.client, args)
         return 0
     paths = args.module or [str(REPO / "microsocket.py")]
+    if (args.redis and (args.via != "server" or args.callgrind)) or (args.split and not args.redis):
+        raise SystemExit("--redis needs --via server (and no --callgrind), and --split needs --redis")
+    args.redis_proc, args.redis_url = start_redis() if args.redis else (None, None)
+    try:
+        return measure(args, paths)
+    finally:
+        if args.redis_proc is not None:
+            stop_redis(args.redis_proc)
+
+
+def measure(args: argparse.Namespace, paths: list[str]) -> int:
     if args.callgrind:
         for path in paths:
             ir = callgrind(args, path)
@@ -483,12 +583,18 @@ def main(argv: list[str] | None = None) -> int:
         best = min(runs)
         median = statistics.median(r.total for r in runs)
         if args.json:
-            print(json.dumps({"module": path, "via": args.via, "scenario": args.scenario, "us_per_publish_min": round(best.total * 1e6, 3),
+            print(json.dumps({"module": path, "via": args.via, "scenario": args.scenario, "redis": args.redis, "split": args.split,
+                              "us_per_publish_min": round(best.total * 1e6, 3),
                               "us_system_of_min": round(best.system * 1e6, 3), "us_per_publish_median": round(median * 1e6, 3),
+                              "redis_us_per_publish_median": round(statistics.median(r.redis for r in runs) * 1e6, 3),
+                              "wall_us_per_publish_median": round(statistics.median(r.wall for r in runs) * 1e6, 3),
                               "runs": [round(r.total * 1e6, 3) for r in runs]}))
         else:
             system = f", {best.system * 1e6:.2f} of it system" if args.via == "server" else ""
             print(f"{path}: {best.total * 1e6:.2f} µs per publish (min of {len(runs)}{system}; median {median * 1e6:.2f})")
+            if args.via == "server":
+                redis = f"; Redis {statistics.median(r.redis for r in runs) * 1e6:.2f} µs CPU per publish" if args.redis else ""
+                print(f"  wall {statistics.median(r.wall for r in runs) * 1e6:.2f} µs per publish (median){redis}")
     return 0
 
 
