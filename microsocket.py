@@ -7181,6 +7181,8 @@ class ServerConnection(Peer, asyncio.Protocol):
 
     def _websocket_data(self, data: bytes) -> None:
         ws = self.ws
+        if ws.state == CLOSED:
+            return  # failed, and waiting for the peer to close: what it still sends is dropped
         events = ws.receive_data(data)
         broker = self.broker
         if events and broker is not None:
@@ -7258,7 +7260,17 @@ class ServerConnection(Peer, asyncio.Protocol):
             self.broker.disconnect(self, reliable=self.ws.close_code is not None)
         if last:
             transport.write(last)
-        if self.ws.state == CLOSED:
+        if self.ws.state == CLOSED and self.ws.close_code is None and transport.can_write_eof():
+            # This side failed the connection (§7.1.7) while the peer may still be sending (the
+            # rest of a message over the limit): closing now would answer that data with a TCP
+            # reset, which can destroy the close frame before the peer reads it. So the close
+            # frame is followed by a FIN, and what still arrives is read and dropped until the
+            # peer closes too, or close_timeout has passed.
+            transport.write_eof()
+            transport.resume_reading()
+            if self.closing_since is None:
+                self.closing_since = self.server.clock()
+        elif self.ws.state == CLOSED:
             transport.close()  # §7.1.1: the server closes the TCP connection first
         elif self.closing_since is None:
             self.closing_since = self.server.clock()  # the sweep drops TCP after close_timeout

@@ -17,6 +17,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import time
 import sys
 import tracemalloc
 
@@ -94,6 +95,28 @@ def test_raw_message_over_max_size_is_1009(server_factory, data):
         client.send(data)
         assert client.recv_close() == 1009
         assert client.at_eof()
+
+
+def test_failed_connection_reads_and_drops_what_the_peer_still_sends(server_factory):
+    """A client still sending the rest of a message over the limit after the 1009 is not reset: the
+    server follows its close frame with a FIN and reads (and drops) what keeps coming, so the close
+    frame cannot be destroyed by a reset. The client's later sends succeed, it reads a clean EOF,
+    and the server keeps no connection once the client has closed."""
+    server = server_factory(max_message_size=1000, echo=True)
+    with RawClient(server.port) as client:
+        client.handshake("/echo")
+        mask = os.urandom(4)
+        header = bytes((0x81, 0xFF)) + (200_000).to_bytes(8, "big") + mask  # declares 200 kB: over the limit
+        client.send(header + b"a" * 100)
+        assert client.recv_close() == 1009
+        for _ in range(5):  # the rest of the message: had the server closed its socket, these would be reset
+            client.send(b"a" * 40_000)
+            time.sleep(0.05)
+        assert client.sock.recv(65536) == b"" and not client.buffer  # a FIN after the close frame, not a reset
+    deadline = time.monotonic() + 5
+    while server.server.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.server.connections
 
 
 def test_raw_ping_gets_pong_in_order(server_factory):
