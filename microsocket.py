@@ -7064,6 +7064,11 @@ class ServerConnection(Peer, asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.connections.add(self)
+        self._count_as_pending()
+
+    def _count_as_pending(self) -> None:
+        """Count this connection among those that are not (or no longer) WebSocket connections."""
+        server = self.server
         pending = server.pending
         pending[self] = None
         if len(pending) > server.config.max_pending:
@@ -7270,6 +7275,9 @@ class ServerConnection(Peer, asyncio.Protocol):
             transport.resume_reading()
             if self.closing_since is None:
                 self.closing_since = self.server.clock()
+            # Not a WebSocket connection any more: it counts against --max-pending, so clients
+            # that fail and never close cannot hold more sockets than that.
+            self._count_as_pending()
         elif self.ws.state == CLOSED:
             transport.close()  # §7.1.1: the server closes the TCP connection first
         elif self.closing_since is None:
@@ -7513,7 +7521,8 @@ class Server:
         forgetting expired sessions, history and idle topics. The event loop calls it every TICK."""
         now = self.clock()
         if self.evicted:
-            log.warning("closed %d connections that had not finished a request, to stay within max-pending %d",
+            log.warning("closed %d connections that had not finished a request (or had failed and were not closed by "
+                        "the client), to stay within max-pending %d",
                         self.evicted, self.config.max_pending)
             self.evicted = 0
         held = 0
@@ -8746,7 +8755,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-topic-length", "max_topic_length", int, "characters in a topic; over it: INVALID_TOPIC"),
     ("--max-message-id-length", "max_message_id_length", int, "characters in a messageId; over it: INVALID_MESSAGE"),
     ("--max-connections", "max_connections", int, "open WebSocket connections; over it: HTTP 503"),
-    ("--max-pending", "max_pending", int, "TCP connections that are not WebSocket (yet); over it the oldest is closed"),
+    ("--max-pending", "max_pending", int, "TCP connections that are not WebSocket (yet, or any more: failed, waiting for the client to close); over it the oldest is closed"),
     ("--max-buffer", "max_buffer", int, "unsent bytes per connection; over it: close 4001 (slow consumer)"),
     ("--max-connections-per-user", "max_connections_per_user", int, "set-up connections per userId (0 = no limit); over it: setup gets TOO_MANY_CONNECTIONS"),
     ("--max-presence", "max_presence", int, "users listed in a presence answer (its count stays exact)"),

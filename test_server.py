@@ -935,6 +935,28 @@ def test_bare_tcp_connections_past_max_pending_make_room_for_new_ones(server_fac
                 c.close()
 
 
+def test_failed_connections_that_linger_count_against_max_pending(server_factory):
+    """A failed WebSocket connection waiting for its client to close counts against max_pending:
+    clients that fail (here 1002, an unmasked frame) and never close cannot hold more sockets than
+    that; past it the oldest is closed at once, and a fresh client is still served."""
+    server = server_factory(max_pending=3)
+    failed = []
+    try:
+        for _ in range(5):
+            c = RawClient(server.port)
+            c.handshake()
+            c.send(ms.serialize_frame(ms.Opcode.TEXT, b"{}"))  # unmasked: 1002
+            assert c.recv_close() == 1002
+            failed.append(c)
+        server.sync()
+        assert server.call(lambda: len(server.server.pending)) == 3
+        assert server.call(lambda: sum(1 for conn in server.server.connections if conn.ws is not None)) == 3
+        assert http_request(server.url("/healthz")).status == 200  # the oldest two were closed to make room
+    finally:
+        for c in failed:
+            c.close()
+
+
 def test_accept_errors_are_logged_once_per_interval_with_a_count(caplog):
     """A storm of failing accept() calls (EMFILE) is one log line per interval with a count, not a traceback each."""
     clock = FakeClock()
