@@ -1040,33 +1040,25 @@ _UPGRADE_REQUIRED = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-
 
 def accept_key(key: str) -> str:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (§4.2.2 step 5.4)."""
-    return base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+    return _accept(key).decode()
 
 
-def _has_token(values: list[str] | None, token: str) -> bool:
-    """Whether comma-separated header lines hold `token` (lower case), compared case-insensitively."""
-    if values is None:
-        return False
-    for value in values:
-        if value.lower() == token:  # the usual header: one token alone, no list to split
-            return True
-        if token in (t.strip().lower() for t in value.split(",")):
-            return True
-    return False
+def _accept(key: str) -> bytes:
+    return base64.b64encode(hashlib.sha1((key + GUID).encode()).digest())
 
 
 def check_handshake(request: Request) -> str:
     """Check an upgrade request (§4.2.1); return its Sec-WebSocket-Key or raise HTTPError.
-    Each header is looked up once, in the parsed fields (this runs for every connection)."""
+    The single-valued headers are read straight from the parsed fields (this runs for every connection)."""
     fields = request.fields
-    if not _has_token(fields.get("upgrade"), "websocket"):
+    if "websocket" not in request.tokens("upgrade"):
         # A browser opening the URL as a page lands here: tell it which protocol to speak.
         raise HTTPError(426, "this endpoint speaks WebSocket", _UPGRADE_REQUIRED)
     if request.method != "GET":
         raise HTTPError(405, "a WebSocket handshake is a GET", [("Allow", "GET")])
     if request.version < (1, 1):
         raise HTTPError(400, "a WebSocket handshake needs HTTP/1.1")
-    if not _has_token(fields.get("connection"), "upgrade"):
+    if "upgrade" not in request.tokens("connection"):
         raise HTTPError(400, "Connection header must contain 'upgrade'")
     if "host" not in fields:
         raise HTTPError(400, "missing Host header")
@@ -1102,11 +1094,10 @@ _SWITCHING = (
 
 def handshake_response(key: str, subprotocol: str | None = None, extensions: str | None = None) -> bytes:
     """The 101 response that completes the handshake (built as bytes: it is on every connection's path)."""
-    accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest())  # accept_key(key), as bytes
     selected = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     if extensions:
         selected += f"Sec-WebSocket-Extensions: {extensions}\r\n"
-    return b"".join((_SWITCHING, accept, b"\r\n", selected.encode(), b"\r\n"))
+    return b"".join((_SWITCHING, _accept(key), b"\r\n", selected.encode(), b"\r\n"))
 
 
 # -- permessage-deflate negotiation (RFC 7692 §5-§7)
@@ -4883,14 +4874,9 @@ class RespParser:
         while True:
             if self._bulk is not None:
                 kind, n = self._bulk
-                buf = self._buf
-                pos = self._pos
-                if len(buf) - pos < n + 2:
+                value: Any = self._blob(n)
+                if value is None:
                     return NEED_MORE  # one comparison per call while a large blob arrives
-                if buf[pos + n : pos + n + 2] != b"\r\n":
-                    raise RespError("bulk string not followed by CRLF")
-                value: Any = bytes(buf[pos : pos + n])
-                self._pos = self._scan = pos + n + 2
                 self._bulk = None
                 if kind == 0x21:  # ! blob error
                     value = RedisReplyError(value.decode("utf-8", "replace"))
@@ -4907,15 +4893,10 @@ class RespParser:
                 if kind == 0x24 and rest.isdigit() and len(rest) < 10 and (n := int(rest)) <= self.max_bulk:
                     # The usual reply: a bulk string (with a plain length), taken here when all of
                     # it has arrived; anything else about it goes the general way below.
-                    buf = self._buf
-                    pos = self._pos
-                    if len(buf) - pos < n + 2:
+                    value = self._blob(n)
+                    if value is None:
                         self._bulk = (kind, n)
-                        continue
-                    if buf[pos + n : pos + n + 2] != b"\r\n":
-                        raise RespError("bulk string not followed by CRLF")
-                    value = bytes(buf[pos : pos + n])
-                    self._pos = self._scan = pos + n + 2
+                        return NEED_MORE
                 elif kind in _BLOBS:
                     n = self._length(rest, kind == 0x24, self.max_bulk, "bulk string")  # $ may be null
                     if n < 0:
@@ -4974,6 +4955,17 @@ class RespParser:
                     break  # annotates the value after it, which takes its place
             else:
                 return value
+
+    def _blob(self, n: int) -> bytes | None:
+        """The n bytes at _pos and the CRLF after them, consumed; None until all have arrived."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < n + 2:
+            return None
+        if buf[pos + n : pos + n + 2] != b"\r\n":
+            raise RespError("bulk string not followed by CRLF")
+        self._pos = self._scan = pos + n + 2
+        return bytes(buf[pos : pos + n])
 
     @staticmethod
     def _length(digits: bytes, nullable: bool, limit: int, what: str) -> int:
