@@ -314,6 +314,24 @@ def test_peer_that_never_answers_a_close_is_dropped_after_close_timeout(server_f
         assert raw.at_eof()  # no close frame sent back: dropped
 
 
+def test_failed_connection_whose_peer_never_closes_is_dropped_after_close_timeout(server_factory):
+    """A connection failed for a violation (1002) waits for its peer to close for close_timeout, no
+    longer: a client that keeps its socket open is dropped then, and the server holds nothing of it."""
+    clock = FakeClock()
+    server = server_factory(clock=clock, close_timeout=5)
+    with RawClient(server.port) as raw:
+        raw.handshake()
+        raw.send(ms.serialize_frame(ms.Opcode.TEXT, b"{}"))  # unmasked: 1002
+        assert raw.recv_close() == 1002
+        server.sync()
+        clock.advance(4.5)
+        server.tick()
+        assert server.open_connections() == 1  # half-closed, reading what the client still sends
+        clock.advance(1)
+        server.tick()
+        wait_until(lambda: server.open_connections() == 0, what="the failed connection to be dropped")
+
+
 def test_keepalive_silent_client_is_pinged_then_closed_1011_and_its_session_resumes(server_factory, wsclient):
     """A client silent for ping_interval gets a ping, silent ping_timeout more gets close 1011; its session stays resumable."""
     clock = FakeClock()
