@@ -330,3 +330,49 @@ def test_bare_tcp_flood_does_not_cut_an_active_keep_alive_client():
     assert r["poller_error"] is None, f"the keep-alive poller was cut after {r['poller_requests']} requests: {r['poller_error']}"
     assert r["poller_requests"] >= 20, r
     assert_pair_unharmed(r)
+
+
+def test_a_sigterm_of_the_battery_kills_the_servers_it_started(tmp_path):
+    """The servers run in sessions of their own and are killed by PID in a `finally`, which
+    Python's default SIGTERM skips. A process that started one through hostile.ServerProcess and
+    is then sent SIGTERM (`timeout`, a CI runner) must take the server with it, and still end as
+    SIGTERM ends it. Fails if the server outlives it (as it did before the handler)."""
+    import signal
+    import subprocess
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import importlib.util, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('hostile', {os.path.join(HERE, 'bench', 'hostile.py')!r})\n"
+        "hostile = importlib.util.module_from_spec(spec); sys.modules['hostile'] = hostile; spec.loader.exec_module(hostile)\n"
+        f"server = hostile.ServerProcess({SCRIPT!r}, [])\n"
+        "server.start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True)
+    server_pid = None
+    try:
+        server_pid = int(proc.stdout.readline())
+        assert os.path.exists(f"/proc/{server_pid}"), "the server was not running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM  # it ended as the default SIGTERM ends a process
+        deadline = time.monotonic() + 10
+        while _running(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(server_pid), f"server {server_pid} outlived the SIGTERM of the process that started it"
+    finally:
+        proc.kill()
+        proc.wait()
+        if server_pid is not None and _running(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

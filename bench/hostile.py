@@ -410,6 +410,27 @@ def proc_cpu(pid: int) -> float | None:
         return None
 
 
+_LIVE_SERVERS: set[int] = set()  # PIDs of the servers started and not yet killed
+
+
+def _kill_live_servers_on_sigterm() -> None:
+    """The servers run in sessions of their own (a Ctrl-C of the battery does not reach them first)
+    and are killed by PID in a `finally`, which Python's default SIGTERM skips: it ends the process
+    at once. So, while the default is in place, a SIGTERM (`timeout`, a CI runner stopping a job)
+    kills the servers still running and then ends this process as the default would."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        for pid in list(_LIVE_SERVERS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 class ServerProcess:
     """`python3 -u SERVER --host 127.0.0.1 --port 0 ARGS` with its stdout and stderr in files."""
 
@@ -435,6 +456,8 @@ class ServerProcess:
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=env, preexec_fn=limit,
             start_new_session=True,  # a Ctrl-C of the battery does not reach it first; it is killed by PID
         )
+        _LIVE_SERVERS.add(self.proc.pid)
+        _kill_live_servers_on_sigterm()
         deadline = time.monotonic() + timeout
         while True:
             self._out.seek(0)
@@ -466,6 +489,8 @@ class ServerProcess:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
+            if self.proc.poll() is not None:
+                _LIVE_SERVERS.discard(self.proc.pid)
 
     def cleanup(self) -> None:
         self.kill()
