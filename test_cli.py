@@ -186,12 +186,37 @@ def test_event_loop_factory_picks_what_is_asked():
         ms.event_loop_factory("trio")
 
 
-@pytest.mark.skipif(_has_uvloop(), reason="uvloop is installed here: the refusal without it cannot be seen")
-def test_loop_uvloop_without_uvloop_is_a_usage_error():
+@pytest.fixture
+def without_uvloop(tmp_path) -> dict:
+    """A child environment where `import uvloop` fails as it does where uvloop is not installed
+    (a package of that name first on the path that raises ImportError), so the test runs here too."""
+    shim = tmp_path / "uvloop"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'uvloop'\", name='uvloop')\n")
+    path = os.environ.get("PYTHONPATH")
+    return child_env(PYTHONPATH=str(tmp_path) + (os.pathsep + path if path else ""))
+
+
+def test_loop_uvloop_without_uvloop_is_a_usage_error(without_uvloop):
     """--loop uvloop where uvloop is not installed stops at start (exit 2) and says how to install it."""
-    done = subprocess.run([sys.executable, SCRIPT, "--loop", "uvloop"], capture_output=True, text=True, timeout=20, env=child_env())
+    done = subprocess.run([sys.executable, SCRIPT, "--loop", "uvloop"], capture_output=True, text=True, timeout=20, env=without_uvloop)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "pip install uvloop" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_loop_auto_without_uvloop_runs_on_asyncio(without_uvloop):
+    """--loop auto (the default) where uvloop is not installed is no error: the server starts on
+    asyncio's loop (its log names a loop only when it is not asyncio's, before the demo-auth
+    warning that start() logs)."""
+    with cli("--port", "0", "--loop", "auto", env=without_uvloop) as (proc, lines):
+        seen = []
+        while (line := lines.get(timeout=20)) is not None:
+            seen.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on" in line for line in seen), (seen, proc.stderr_lines)
+        wait_until(lambda: any("demo auth" in line for line in proc.stderr_lines), timeout=5)
+        assert not [line for line in proc.stderr_lines if "event loop:" in line], proc.stderr_lines
 
 
 @pytest.mark.slow  # a Python subprocess
