@@ -413,7 +413,7 @@ def proc_cpu(pid: int) -> float | None:
 _LIVE_SERVERS: set[int] = set()  # PIDs of the servers started and not yet killed
 
 
-def _kill_live_servers_on_sigterm() -> None:
+def _install_sigterm_cleanup() -> None:
     """The servers run in sessions of their own (a Ctrl-C of the battery does not reach them first)
     and are killed by PID in a `finally`, which Python's default SIGTERM skips: it ends the process
     at once. So, while the default is in place, a SIGTERM (`timeout`, a CI runner stopping a job)
@@ -457,7 +457,7 @@ class ServerProcess:
             start_new_session=True,  # a Ctrl-C of the battery does not reach it first; it is killed by PID
         )
         _LIVE_SERVERS.add(self.proc.pid)
-        _kill_live_servers_on_sigterm()
+        _install_sigterm_cleanup()
         deadline = time.monotonic() + timeout
         while True:
             self._out.seek(0)
