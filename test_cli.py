@@ -171,6 +171,42 @@ def _has_uvloop() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+def test_tune_gc_freezes_what_exists_and_raises_the_young_threshold():
+    """tune_gc() moves every object alive now out of later collections (gc.get_freeze_count) and
+    sets the young threshold it is given, leaving the older generations' thresholds as they were;
+    an object made after it is collected as usual."""
+    import gc
+
+    saved = gc.get_threshold()
+    try:
+        frozen = ms.tune_gc(young=5000)
+        assert frozen == gc.get_freeze_count() > 1000  # the modules' objects, at least
+        assert gc.get_threshold() == (5000, saved[1], saved[2])
+
+        class Cycle:
+            pass
+
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a  # a cycle made after the freeze: still garbage the collector finds
+        del a, b
+        assert gc.collect() >= 2
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+
+
+def test_the_server_process_tunes_its_garbage_collector():
+    """The command line's server calls tune_gc() before it serves (its debug log says how many
+    start-up objects it froze and the young threshold)."""
+    with cli("--port", "0", "--log-level", "DEBUG") as (proc, lines):
+        while (line := lines.get(timeout=20)) is not None and "listening on" not in line:
+            pass
+        wait_until(lambda: any("garbage collector:" in line for line in proc.stderr_lines), timeout=5, what="the gc log line")
+        line = next(line for line in proc.stderr_lines if "garbage collector:" in line)
+        match = re.search(r"garbage collector: (\d+) start-up objects frozen, young collections every (\d+) allocations", line)
+        assert match and int(match.group(1)) > 1000 and int(match.group(2)) == ms.GC_YOUNG_THRESHOLD, line
+
+
 def test_event_loop_factory_picks_what_is_asked():
     """--loop asyncio is asyncio's own loop; auto is uvloop exactly when it is installed; a wrong name is refused."""
     factory, name = ms.event_loop_factory("asyncio")
