@@ -1129,3 +1129,45 @@ def test_clean_close_keeps_last_handed_so_resume_replays_nothing(server_factory)
         while (msg := fourth.recv_json())["type"] == "message":
             seqs.append(msg["seqNo"])
         assert msg["type"] == "resumed" and seqs == [1, 2, 3], (msg, seqs)
+
+
+def test_the_dedup_floor_answers_the_dedup_exchange_as_microsocket_does():
+    """bench/peers/dedup_floor.py is what compare runs measure the `dedup` scenario's least cost
+    against, so it must do that scenario's work, not less: a sub-socket set up and subscribed, a
+    new messageId acked "ok" with the next seqNo and delivered once, a repeat from the same user
+    acked "duplicate" with the first seqNo and not delivered, the same id from another user new.
+    Fails if the floor skips the lookup, the delivery or the seqNo."""
+    import websockets
+
+    floor = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "peers", "dedup_floor.py")
+    proc = subprocess.Popen([sys.executable, floor, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+
+        async def exchange():
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws/sub/dedup") as sub, \
+                    websockets.connect(f"ws://127.0.0.1:{port}/ws") as a, websockets.connect(f"ws://127.0.0.1:{port}/ws") as b:
+                await sub.send(json.dumps({"type": "setup", "token": "s"}))
+                assert [json.loads(await sub.recv())["type"] for _ in range(2)] == ["ready", "subscribed"]
+                for ws, user in ((a, "a"), (b, "b")):
+                    await ws.send(json.dumps({"type": "setup", "token": user}))
+                    assert json.loads(await ws.recv())["userId"] == user
+                for mid in ("x", "y", "x"):
+                    await a.send(json.dumps({"type": "publish", "topic": "dedup", "messageId": mid, "payload": {"pad": "p" * 200}}))
+                acks = [json.loads(await a.recv()) for _ in range(3)]
+                await b.send(json.dumps({"type": "publish", "topic": "dedup", "messageId": "x", "payload": {}}))
+                ack_b = json.loads(await b.recv())
+                got = [json.loads(await sub.recv()) for _ in range(3)]
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(sub.recv(), 0.3)  # the repeat was not delivered
+                return acks, ack_b, got
+
+        acks, ack_b, got = asyncio.run(exchange())
+        assert [(m["messageId"], m["seqNo"], m["status"]) for m in acks] == [("x", 1, "ok"), ("y", 2, "ok"), ("x", 1, "duplicate")]
+        assert (ack_b["seqNo"], ack_b["status"]) == (3, "ok")
+        assert [(m["type"], m["userId"], m["messageId"], m["seqNo"]) for m in got] == [
+            ("message", "a", "x", 1), ("message", "a", "y", 2), ("message", "b", "x", 3)]
+        assert got[0]["data"] == {"pad": "p" * 200}
+    finally:
+        proc.kill()
+        proc.wait()
