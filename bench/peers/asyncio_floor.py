@@ -22,6 +22,8 @@ import base64
 import hashlib
 import json
 import resource
+import sys
+from collections.abc import Callable
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 LISTEN_BACKLOG = 1024  # microsocket.py's: asyncio's 100 drops SYNs when 200 connect at once
@@ -75,14 +77,15 @@ class FloorConnection(asyncio.Protocol):
         upgraded.discard(self)
 
 
-async def serve(host: str, port: int) -> None:
-    server = await asyncio.get_running_loop().create_server(FloorConnection, host, port, backlog=LISTEN_BACKLOG)
-    print(f"asyncio floor listening on http://{host}:{server.sockets[0].getsockname()[1]}", flush=True)
+async def serve(factory: Callable[[], asyncio.Protocol], name: str, host: str, port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(factory, host, port, backlog=LISTEN_BACKLOG)
+    print(f"{name} listening on http://{host}:{server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Event().wait()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(factory: Callable[[], asyncio.Protocol] = FloorConnection, name: str = "asyncio floor") -> None:
+    """Serve `factory`'s connections with the arguments connect_path and bench.py pass (dedup_floor.py's too)."""
+    ap = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or __doc__).split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
@@ -92,9 +95,9 @@ def main() -> None:
     if opts.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(opts.host, opts.port))
+        uvloop.run(serve(factory, name, opts.host, opts.port))
     else:
-        asyncio.run(serve(opts.host, opts.port))
+        asyncio.run(serve(factory, name, opts.host, opts.port))
 
 
 if __name__ == "__main__":

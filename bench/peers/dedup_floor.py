@@ -24,20 +24,18 @@ and Bun are compared:
 
   bench/compare.sh -r 3 -s dedup microsocket floor='python3 bench/peers/dedup_floor.py --port {port}' elysia
 
-Arguments: --host, --port, --loop (asyncio, or uvloop when installed); the rest are ignored.
+Arguments (asyncio_floor.py's main): --host, --port, --loop (asyncio, or uvloop when installed); the rest are ignored.
 Standard library only (uvloop for --loop uvloop).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
 import json
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-LISTEN_BACKLOG = 1024  # microsocket.py's
+from asyncio_floor import GUID, main  # beside this file: the argument handling and serving are the other floor's
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -169,25 +167,5 @@ class FloorConnection(asyncio.Protocol):
                 self.send(text_frame(json.dumps({"type": "subscribed", "topic": self.topic, "seqNo": HUB.seq.get(self.topic, 0)}).encode()))
 
 
-async def serve(host: str, port: int) -> None:
-    server = await asyncio.get_running_loop().create_server(FloorConnection, host, port, backlog=LISTEN_BACKLOG)
-    print(f"dedup floor listening on http://{host}:{server.sockets[0].getsockname()[1]}", flush=True)
-    await asyncio.Event().wait()
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    opts, _ = ap.parse_known_args()
-    if opts.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(serve(opts.host, opts.port))
-    else:
-        asyncio.run(serve(opts.host, opts.port))
-
-
 if __name__ == "__main__":
-    main()
+    main(FloorConnection, "dedup floor")
