@@ -37,6 +37,9 @@ import json
 
 from asyncio_floor import GUID, main  # beside this file: the argument handling and serving are the other floor's
 
+# The frame helpers below are written here, not imported from microsocket.py (whose apply_mask and
+# text_frame do the same): the floor must not depend on the server it is the floor of.
+
 
 def text_frame(payload: bytes) -> bytes:
     n = len(payload)
